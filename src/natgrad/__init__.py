@@ -1,0 +1,18 @@
+"""natgrad: natural-gradient optimizers and Fisher curvature for PyTorch."""
+
+from natgrad.curvature.dense import fisher_matrix
+from natgrad.curvature.model import FisherTooLargeError
+from natgrad.curvature.products import fisher_vector_product
+from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
+
+__all__ = [
+    "Bernoulli",
+    "Categorical",
+    "FisherTooLargeError",
+    "Gaussian",
+    "Likelihood",
+    "fisher_matrix",
+    "fisher_vector_product",
+    "get_likelihood",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The Fisher in every representation: dense, matrix-free products, Kronecker factors."""

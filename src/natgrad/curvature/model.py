@@ -1,0 +1,166 @@
+"""A model seen as a function of its parameters, and the output-space pieces of the Fisher.
+
+Every exact curvature quantity in natgrad is built from two ingredients:
+
+* the per-sample Jacobian Jₙ = ∂fₙ/∂θ, ``[K, P]``, of the flattened outputs fₙ (K entries)
+  with respect to the flattened parameters θ (P entries, ``model.parameters()`` order);
+* an output-space factor Sₙ, ``[K, R]``, chosen by the Fisher ``kind``, so that
+
+      F = (1/N) Σₙ Jₙᵀ Sₙ Sₙᵀ Jₙ.
+
+  ``true``: Sₙ Sₙᵀ = Λₙ, the likelihood's output Fisher (R = K);
+  ``mc``: Sₙ = [r₁ … r_M] / √M with r_m the score of a label drawn from the model (R = M);
+  ``empirical``: Sₙ = rₙ, the score of the observed target (R = 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.likelihoods import Likelihood
+
+__all__ = ["FisherKind", "FunctionalModel", "output_factor", "check_kind", "FisherTooLargeError"]
+
+Inputs = Tensor | Sequence[Tensor]
+
+
+class FisherKind(str, Enum):
+    """Which Fisher: the exact expectation, a sampled estimate, or the empirical Fisher."""
+
+    TRUE = "true"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
+class FisherTooLargeError(MemoryError):
+    """The dense Fisher (or the Jacobian behind it) would not fit in memory."""
+
+
+def check_kind(kind: str, targets: Tensor | None, mc_samples: int) -> FisherKind:
+    """Validate ``kind`` together with the arguments it needs."""
+    allowed = [k.value for k in FisherKind]
+    if not isinstance(kind, str) or kind not in allowed:
+        raise ValueError(f"kind must be one of {allowed}, got {kind!r}")
+    kind = FisherKind(kind)
+    if kind is FisherKind.EMPIRICAL and targets is None:
+        raise ValueError("targets are required for kind='empirical' (the observed labels)")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    return kind
+
+
+def as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    """Normalise model inputs to a tuple of tensors batched along dimension 0."""
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(x, Tensor) for x in inputs):
+        return tuple(inputs)
+    raise TypeError("inputs must be a Tensor or a non-empty tuple/list of Tensors")
+
+
+def output_factor(
+    likelihood: Likelihood,
+    outputs: Tensor,
+    kind: FisherKind,
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The output-space factor Sₙ of the chosen Fisher kind, ``[N, K, R]`` (see module doc)."""
+    outputs = outputs.detach()
+    n = outputs.shape[0]
+    if kind is FisherKind.TRUE:
+        return likelihood.fisher_factor(outputs)
+    if kind is FisherKind.EMPIRICAL:
+        return likelihood.score(outputs, targets).reshape(n, -1, 1)
+    scores = [
+        likelihood.score(outputs, likelihood.sample(outputs, generator)).reshape(n, -1)
+        for _ in range(mc_samples)
+    ]
+    return torch.stack(scores, dim=-1) / math.sqrt(mc_samples)
+
+
+class FunctionalModel:
+    """Wraps an ``nn.Module`` as f(θ, x) over the parameters that carry gradients.
+
+    Args:
+        model: any module whose parameters are tensors.
+        output_fn: maps the module's raw output to the likelihood's parameters (for modules
+            that return a dict or a tuple); identity by default.
+        params: the parameters to differentiate (default: all with ``requires_grad``, in
+            ``model.parameters()`` order); the others are held fixed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_fn: Callable[[object], Tensor] | None = None,
+        params: Sequence[Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.output_fn = output_fn
+        named = dict(model.named_parameters())
+        if params is None:
+            self.names = [name for name, p in named.items() if p.requires_grad]
+        else:
+            by_id = {id(p): name for name, p in named.items()}
+            missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+            if missing:
+                raise ValueError("params must all be parameters of model")
+            self.names = [by_id[id(p)] for p in params]
+        if not self.names:
+            raise ValueError("model has no parameters that require gradients")
+        self.params = [named[name] for name in self.names]
+        self.num_params = sum(p.numel() for p in self.params)
+
+    def detached_params(self) -> tuple[Tensor, ...]:
+        return tuple(p.detach() for p in self.params)
+
+    def outputs(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+        """The model's (extracted) outputs at parameters ``params``, ``[N, ...]``."""
+        out = torch.func.functional_call(
+            self.model, dict(zip(self.names, params, strict=True)), inputs, strict=False
+        )
+        return out if self.output_fn is None else self.output_fn(out)
+
+    def per_sample_jacobian(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """Jₙ = ∂fₙ/∂θ for every sample, ``[N, K, P]`` (samples must not interact)."""
+        params = self.detached_params()
+
+        def single(params: tuple[Tensor, ...], *sample: Tensor) -> Tensor:
+            out = self.outputs(params, tuple(x.unsqueeze(0) for x in sample))
+            return out.squeeze(0).reshape(-1)
+
+        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None,) + (0,) * len(inputs))(
+            params, *inputs
+        )
+        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac], dim=2)
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat ``[P]`` vector into tensors shaped like the parameters."""
+        chunks = vector.split([p.numel() for p in self.params])
+        return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors, each flattened row-major, into one ``[P]`` vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated on ``device`` now (best effort)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30

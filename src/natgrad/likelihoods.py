@@ -1,0 +1,311 @@
+"""Predictive distributions p(y | f) over a model's outputs f.
+
+Every curvature routine in natgrad is the Fisher of a *log-likelihood*, never of a loss with
+its own scaling. A likelihood turns the model's outputs into a distribution and provides the
+pieces the curvature code needs:
+
+* ``log_prob(f, y)``: per-sample log-likelihood, summed over all non-batch positions, ``[N]``;
+* ``sample(f, generator)``: labels drawn from the model's own predictive distribution;
+* ``score(f, y)``: r = ∂ log p(y | f) / ∂f, same shape as ``f``;
+* ``output_fisher(f)``: the per-sample output-space Fisher Λ = E_y[r rᵀ], ``[N, K, K]``
+  where K is the number of output entries per sample (``f[0].numel()``);
+* ``fisher_sqrt(f)``: the symmetric square root Λ^{1/2}, ``[N, K, K]``;
+* ``fisher_factor(f)``: a cheap closed-form factor S with S Sᵀ = Λ, ``[N, K, K]``;
+* ``fisher_matvec(f, u)``: Λ u without forming Λ, same shape as ``f``;
+* ``kl(f_p, f_q)``: KL(p(·|f_p) ‖ p(·|f_q)) per sample, ``[N]``.
+
+Conventions (see DESIGN.md):
+
+* ``"categorical"``: ``f`` are logits ``[N, ..., C]``, y are class indices ``[N, ...]``
+  (pairs with ``cross_entropy``); positions in ``...`` are independent.
+* ``"gaussian"``: ``f`` are means ``[N, ...]`` of a unit-variance normal, y has ``f``'s shape
+  (``mse_loss`` is ½‖y − f‖² up to a factor and a constant).
+* ``"bernoulli"``: ``f`` are logits ``[N, ...]``, y ∈ {0, 1} with ``f``'s shape (pairs with
+  ``binary_cross_entropy_with_logits``).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Likelihood", "LikelihoodName", "Categorical", "Gaussian", "Bernoulli", "get_likelihood"]
+
+
+class LikelihoodName(str, Enum):
+    """Names accepted wherever a ``likelihood`` argument is expected."""
+
+    CATEGORICAL = "categorical"
+    GAUSSIAN = "gaussian"
+    BERNOULLI = "bernoulli"
+
+
+def _check_outputs(outputs: Tensor) -> None:
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"outputs must be a Tensor, got {type(outputs).__name__}")
+    if not outputs.is_floating_point():
+        raise TypeError(f"outputs must be a floating-point tensor, got dtype {outputs.dtype}")
+    if outputs.dim() < 2:
+        raise ValueError(
+            f"outputs must have a batch dimension and at least one output dimension, "
+            f"got shape {tuple(outputs.shape)}"
+        )
+
+
+class Likelihood:
+    """Base class: a family p(y | f) of distributions indexed by the model's outputs ``f``.
+
+    Subclasses implement the private hooks; the public methods check shapes once, here.
+    """
+
+    name: str = ""
+
+    # --- public API ---------------------------------------------------------------------
+    def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """log p(y | f) per sample, summed over non-batch positions. Returns ``[N]``."""
+        _check_outputs(outputs)
+        targets = self.check_targets(outputs, targets)
+        return self._log_prob(outputs, targets).reshape(outputs.shape[0], -1).sum(1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw one label per sample from p(y | f). Shape and dtype as ``targets`` would have."""
+        _check_outputs(outputs)
+        with torch.no_grad():
+            return self._sample(outputs.detach(), generator)
+
+    def score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """r = ∂ log p(y | f) / ∂f, same shape as ``outputs``."""
+        _check_outputs(outputs)
+        targets = self.check_targets(outputs, targets)
+        return self._score(outputs, targets)
+
+    def output_fisher(self, outputs: Tensor) -> Tensor:
+        """Λ = E_{y~p(y|f)}[r rᵀ] per sample, ``[N, K, K]`` with K = ``outputs[0].numel()``."""
+        factor = self.fisher_factor(outputs)
+        return factor @ factor.transpose(1, 2)
+
+    def fisher_factor(self, outputs: Tensor) -> Tensor:
+        """A factor S, ``[N, K, K]``, with S Sᵀ = Λ (closed form, not necessarily symmetric)."""
+        _check_outputs(outputs)
+        return self._fisher_factor(outputs.detach())
+
+    def fisher_sqrt(self, outputs: Tensor) -> Tensor:
+        """The symmetric positive semi-definite square root Λ^{1/2}, ``[N, K, K]``."""
+        fisher = self.output_fisher(outputs)
+        eigvals, eigvecs = torch.linalg.eigh(fisher)
+        root = eigvals.clamp_min(0).sqrt()
+        return (eigvecs * root.unsqueeze(1)) @ eigvecs.transpose(1, 2)
+
+    def fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """Λ u per sample without forming Λ. ``vectors`` has the shape of ``outputs``."""
+        _check_outputs(outputs)
+        if vectors.shape != outputs.shape:
+            raise ValueError(
+                f"vectors must have the shape of outputs {tuple(outputs.shape)}, "
+                f"got {tuple(vectors.shape)}"
+            )
+        return self._fisher_matvec(outputs.detach(), vectors)
+
+    def kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        """KL(p(·|f_p) ‖ p(·|f_q)) per sample, summed over positions. Returns ``[N]``."""
+        _check_outputs(outputs_p)
+        if outputs_p.shape != outputs_q.shape:
+            raise ValueError(
+                f"outputs_q must have the shape of outputs_p {tuple(outputs_p.shape)}, "
+                f"got {tuple(outputs_q.shape)}"
+            )
+        return self._kl(outputs_p, outputs_q).reshape(outputs_p.shape[0], -1).sum(1)
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Validate ``targets`` against ``outputs``; returns them in the dtype used internally."""
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+        return self._check_targets(outputs, targets)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # --- hooks for subclasses -------------------------------------------------------------
+    def _log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        raise NotImplementedError
+
+    def _score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _fisher_factor(self, outputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"targets must have the shape of outputs {tuple(outputs.shape)} for the "
+                f"{self.name} likelihood, got {tuple(targets.shape)}"
+            )
+        return targets
+
+
+class Categorical(Likelihood):
+    """p(y | f) = softmax(f)_y over the last dimension; Λ = diag(p) − p pᵀ per position."""
+
+    name = "categorical"
+
+    def _check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.shape != outputs.shape[:-1]:
+            raise ValueError(
+                f"targets must have shape {tuple(outputs.shape[:-1])} (outputs without the "
+                f"class dimension) for the categorical likelihood, got {tuple(targets.shape)}"
+            )
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(
+                f"targets must hold integer class indices for the categorical likelihood, "
+                f"got dtype {targets.dtype}"
+            )
+        return targets
+
+    def _log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        log_probs = outputs.log_softmax(-1)
+        return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def _sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        probs = outputs.softmax(-1).reshape(-1, outputs.shape[-1])
+        draws = torch.multinomial(probs, 1, generator=generator)
+        return draws.reshape(outputs.shape[:-1])
+
+    def _score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        # ∂ log softmax(f)_y / ∂f = onehot(y) − p
+        onehot = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+        return onehot - outputs.softmax(-1)
+
+    def _fisher_factor(self, outputs: Tensor) -> Tensor:
+        # Λ = diag(p) − p pᵀ = M Mᵀ with M = diag(√p) − p √pᵀ (uses Σ p = 1)
+        n, classes = outputs.shape[0], outputs.shape[-1]
+        probs = outputs.softmax(-1).reshape(n, -1, classes)
+        roots = probs.sqrt()
+        blocks = torch.diag_embed(roots) - probs.unsqueeze(-1) * roots.unsqueeze(-2)
+        # positions are independent: Λ of the flattened output is block diagonal
+        eye = torch.eye(blocks.shape[1], dtype=blocks.dtype, device=blocks.device)
+        full = torch.einsum("ntij,ts->ntisj", blocks, eye)
+        return full.reshape(n, probs[0].numel(), probs[0].numel())
+
+    def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        probs = outputs.softmax(-1)
+        return probs * vectors - probs * (probs * vectors).sum(-1, keepdim=True)
+
+    def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        log_p, log_q = outputs_p.log_softmax(-1), outputs_q.log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class Gaussian(Likelihood):
+    """p(y | f) = N(y; f, I): unit variance, so Λ = I."""
+
+    name = "gaussian"
+
+    def _check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        targets = super()._check_targets(outputs, targets)
+        if not targets.is_floating_point():
+            raise TypeError(
+                f"targets must be floating point for the gaussian likelihood, got {targets.dtype}"
+            )
+        return targets
+
+    def _log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return -0.5 * (targets - outputs) ** 2 - 0.5 * math.log(2 * math.pi)
+
+    def _sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = torch.randn(
+            outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
+        )
+        return outputs + noise
+
+    def _score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return targets - outputs
+
+    def _fisher_factor(self, outputs: Tensor) -> Tensor:
+        n, k = outputs.shape[0], outputs[0].numel()
+        eye = torch.eye(k, dtype=outputs.dtype, device=outputs.device)
+        return eye.expand(n, k, k).clone()
+
+    def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        return vectors
+
+    def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        return 0.5 * (outputs_p - outputs_q) ** 2
+
+
+class Bernoulli(Likelihood):
+    """p(y | f) = Π σ(f)^y (1 − σ(f))^(1−y) elementwise; Λ = diag(σ(f)(1 − σ(f)))."""
+
+    name = "bernoulli"
+
+    def _check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        targets = super()._check_targets(outputs, targets)
+        if targets.is_complex():
+            raise TypeError(
+                f"targets must be real for the bernoulli likelihood, got {targets.dtype}"
+            )
+        return targets.to(outputs.dtype)
+
+    def _log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return -F.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
+
+    def _sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.bernoulli(outputs.sigmoid(), generator=generator)
+
+    def _score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return targets - outputs.sigmoid()
+
+    def _fisher_factor(self, outputs: Tensor) -> Tensor:
+        probs = outputs.sigmoid().reshape(outputs.shape[0], -1)
+        return torch.diag_embed((probs * (1 - probs)).sqrt())
+
+    def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        probs = outputs.sigmoid()
+        return probs * (1 - probs) * vectors
+
+    def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        prob = outputs_p.sigmoid()
+        log_ratio_one = F.logsigmoid(outputs_p) - F.logsigmoid(outputs_q)
+        log_ratio_zero = F.logsigmoid(-outputs_p) - F.logsigmoid(-outputs_q)
+        return prob * log_ratio_one + (1 - prob) * log_ratio_zero
+
+
+_LIKELIHOODS: dict[str, type[Likelihood]] = {
+    LikelihoodName.CATEGORICAL.value: Categorical,
+    LikelihoodName.GAUSSIAN.value: Gaussian,
+    LikelihoodName.BERNOULLI.value: Bernoulli,
+}
+
+
+def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """Resolve a likelihood name (or instance) to a :class:`Likelihood`.
+
+    Raises:
+        ValueError: for an unknown name, listing the allowed ones.
+        TypeError: for anything that is neither a string nor a Likelihood.
+    """
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if not isinstance(likelihood, str):
+        raise TypeError(
+            f"likelihood must be a str or a natgrad Likelihood, got {type(likelihood).__name__}"
+        )
+    key = likelihood.value if isinstance(likelihood, LikelihoodName) else likelihood
+    if key not in _LIKELIHOODS:
+        raise ValueError(
+            f"likelihood must be one of {sorted(_LIKELIHOODS)}, got {likelihood!r}"
+        )
+    return _LIKELIHOODS[key]()
