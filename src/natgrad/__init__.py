@@ -4,6 +4,7 @@ from natgrad.curvature.dense import fisher_matrix
 from natgrad.curvature.model import FisherTooLargeError
 from natgrad.curvature.products import fisher_vector_product
 from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
+from natgrad.optim.ngd import NaturalGradient
 
 __all__ = [
     "Bernoulli",
@@ -11,6 +12,7 @@ __all__ = [
     "FisherTooLargeError",
     "Gaussian",
     "Likelihood",
+    "NaturalGradient",
     "fisher_matrix",
     "fisher_vector_product",
     "get_likelihood",

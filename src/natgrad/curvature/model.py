@@ -146,13 +146,18 @@ class FunctionalModel:
 
     def unflatten(self, vector: Tensor) -> list[Tensor]:
         """Split a flat ``[P]`` vector into tensors shaped like the parameters."""
-        chunks = vector.split([p.numel() for p in self.params])
-        return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
+        return unflatten(vector, self.params)
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """Concatenate tensors, each flattened row-major, into one ``[P]`` vector."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat ``[P]`` vector into tensors shaped like ``like`` (row-major)."""
+    chunks = vector.split([t.numel() for t in like])
+    return [c.view_as(t) for c, t in zip(chunks, like, strict=True)]
 
 
 def available_memory(device: torch.device) -> int:

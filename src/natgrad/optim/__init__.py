@@ -1,1 +1,1 @@
-"""natgrad.optim."""
+"""torch.optim.Optimizer subclasses built on natgrad.curvature."""

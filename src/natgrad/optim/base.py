@@ -1,0 +1,188 @@
+"""Shared bookkeeping of natgrad's optimizers: the torch.optim contract, fault handling, update.
+
+:class:`CurvatureOptimizer` owns everything that does not depend on the curvature model:
+hyper-parameter validation, param groups that must belong to the model, ``step(closure)``,
+skipping (and counting) steps whose loss, gradient or curvature is not finite, weight decay,
+momentum and the learning rate. Subclasses implement one hook, :meth:`_precondition`, which
+maps the gradients to update directions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["CurvatureOptimizer", "check_positive", "check_nonnegative", "check_choice"]
+
+GLOBAL = "natgrad"  # key of the optimizer-wide entry in ``self.state``
+
+
+def check_positive(name: str, value: Any, allow: Sequence[str] = ()) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (or one of ``allow``)."""
+    if isinstance(value, str) and value in allow:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        extra = f" or one of {list(allow)}" if allow else ""
+        raise ValueError(f"{name} must be a finite number > 0{extra}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any, upper: float | None = None) -> None:
+    """Raise ValueError unless ``value`` is a finite number ≥ 0 (and < ``upper`` if given)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and value >= 0 and (upper is None or value < upper)
+    if not ok:
+        bound = f" and < {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be a number >= 0{bound}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    """Raise ValueError unless ``value`` is one of ``allowed``; returns it as a plain str."""
+    allowed = list(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return str(value)
+
+
+def _is_finite(value: Tensor | float | None) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, Tensor):
+        return bool(torch.isfinite(value).all())
+    return math.isfinite(float(value))
+
+
+class CurvatureOptimizer(Optimizer):
+    """Base class of natgrad's optimizers (see module docstring).
+
+    Subclasses call ``super().__init__`` with the model, the user's ``params`` (or None for
+    all of the model's trainable parameters) and the defaults, then implement
+    :meth:`_precondition`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        defaults: dict[str, Any],
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_positive("lr", defaults["lr"], allow=self._auto_allowed("lr"))
+        check_nonnegative("momentum", defaults.get("momentum", 0.0), upper=1.0)
+        check_nonnegative("weight_decay", defaults.get("weight_decay", 0.0))
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        model_params = {id(p) for p in model.parameters()}
+        for group in self.param_groups:
+            if any(id(p) not in model_params for p in group["params"]):
+                raise ValueError("params must be parameters of model")
+        self.model = model
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def _auto_allowed(name: str) -> tuple[str, ...]:
+        return ()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_positive("lr", group["lr"], allow=self._auto_allowed("lr"))
+        check_nonnegative("momentum", group.get("momentum", 0.0), upper=1.0)
+        check_nonnegative("weight_decay", group.get("weight_decay", 0.0))
+
+    # --- state ----------------------------------------------------------------------------
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """Optimizer-wide state (counters, RNG, ...); saved by ``state_dict()``."""
+        state = self.state[GLOBAL]
+        if not state:
+            state.update(step=0, skipped_steps=0)
+        return state
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _skip(self, reason: str) -> None:
+        self.global_state["skipped_steps"] += 1
+        self._warn_once(
+            "skip",
+            f"{type(self).__name__}: skipped a step because the {reason} is not finite; "
+            "parameters and optimizer state are unchanged (counted in "
+            "state['natgrad']['skipped_steps'])",
+        )
+
+    # --- the step -------------------------------------------------------------------------
+    def _params_with_grad(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One update; ``closure`` re-evaluates the model and returns the loss (optional)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params_with_grad()
+        if not params:
+            return loss
+        if not _is_finite(loss):
+            self._skip("loss")
+            return loss
+        if not all(_is_finite(p.grad) for p in params):
+            self._skip("gradient")
+            return loss
+        groups = self._group_of()
+        grads = {p: self._regularised_grad(p, groups[id(p)]) for p in params}
+        directions = self._precondition(grads, loss)
+        if directions is None or not all(_is_finite(d) for d in directions.values()):
+            self._skip("curvature")
+            return loss
+        self._apply(directions)
+        self.global_state["step"] += 1
+        return loss
+
+    def _group_of(self) -> dict[int, dict[str, Any]]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    @staticmethod
+    def _regularised_grad(p: Tensor, group: dict[str, Any]) -> Tensor:
+        wd = group.get("weight_decay", 0.0)
+        if wd and not group.get("decoupled_weight_decay", False):
+            return p.grad + wd * p  # L2: the penalty's gradient is preconditioned too
+        return p.grad
+
+    def _precondition(
+        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+    ) -> dict[Tensor, Tensor] | None:
+        """Map gradients to update directions Δ (the step is −lr·Δ). None: skip the step."""
+        raise NotImplementedError
+
+    def _apply(self, directions: dict[Tensor, Tensor]) -> None:
+        # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first
+        groups = self._group_of()
+        for p, direction in directions.items():
+            group = groups[id(p)]
+            lr, momentum = group["lr"], group.get("momentum", 0.0)
+            wd = group.get("weight_decay", 0.0)
+            if wd and group.get("decoupled_weight_decay", False):
+                p.mul_(1 - lr * wd)
+            if momentum:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = direction.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(direction)
+                direction = buf
+            p.add_(direction, alpha=-lr)
