@@ -1,0 +1,81 @@
+"""How one layer type's captured tensors become curvature statistics.
+
+A layer file only reshapes what the hooks captured: input rows āₘ (with a bias column), output
+gradient rows δₘ, and the map between the layer's parameters and its gradient *matrix*. The
+averaging and inversion live in :mod:`natgrad.curvature`.
+
+Two families:
+
+* :class:`KroneckerHandler` (Linear, Conv2d, Embedding): the Fisher block of the layer's
+  gradient matrix X (``[d_out, d_in]``, row-major) is approximated by G ⊗ A with
+  A = (1/(N·T)) Σ āāᵀ and G = (1/N) Σ δδᵀ over the N samples and T positions (sequence
+  steps, spatial locations) per sample (Grosse & Martens 2016; Eschenhagen et al. 2023's
+  "expand" setting). With T = 1 these are the DESIGN.md factors.
+* :class:`DenseHandler` (affine parameters of normalisation layers): per-sample gradients of
+  the few parameters give an exact dense block (1/N) Σ gₙgₙᵀ.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["LayerHandler", "KroneckerHandler", "DenseHandler"]
+
+
+class LayerHandler:
+    """A supported layer: its module and the parameters its curvature block covers."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Parameters of the block, weight first (those with ``requires_grad``)."""
+        return [
+            p for p in (getattr(self.module, "weight", None), getattr(self.module, "bias", None))
+            if p is not None and p.requires_grad
+        ]
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why ``module`` must use the fallback update instead (None if it is supported)."""
+        return None
+
+
+class KroneckerHandler(LayerHandler):
+    """A layer whose weight gradient is a sum of outer products δ āᵀ over positions."""
+
+    diagonal_input = False  # A is diagonal (Embedding) and stored as a vector
+
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """ā for every sample and position, ``[N·T, d_in]`` (bias column last if any)."""
+        raise NotImplementedError
+
+    def grad_rows(self, grad_outputs: Tensor) -> Tensor:
+        """δ for every sample and position, ``[N·T, d_out]``, from ∂/∂(layer output)."""
+        raise NotImplementedError
+
+    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
+        """The parameters' gradients as one matrix X, ``[d_out, d_in]``."""
+        raise NotImplementedError
+
+    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+        """Inverse of :meth:`grad_matrix`: parameter-shaped pieces of ``matrix``."""
+        raise NotImplementedError
+
+    def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+        """Per-sample gradient matrices Σₜ δ āᵀ, ``[N, d_out, d_in]`` (used by EKFAC)."""
+        n = inputs.shape[0]
+        rows_in = self.input_rows(inputs)
+        rows_out = self.grad_rows(grad_outputs)
+        return rows_out.reshape(n, -1, rows_out.shape[1]).transpose(1, 2) @ rows_in.reshape(
+            n, -1, rows_in.shape[1]
+        )
+
+
+class DenseHandler(LayerHandler):
+    """A layer with few parameters whose per-sample gradients are formed explicitly."""
+
+    def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+        """gₙ = ∂ log p(yₙ)/∂(params) per sample, ``[N, d]`` (weight then bias)."""
+        raise NotImplementedError

@@ -1,0 +1,201 @@
+"""Find the supported layers of a model and capture their inputs and output-gradients.
+
+Forward hooks on every supported layer record the layer's input (detached) and its output
+(attached, so that gradients with respect to it can be taken); a forward hook on the model
+groups one forward's layer calls into a :class:`ForwardRecord` and hooks the model's output
+tensor, so that ``on_backward`` runs when the loss's backward reaches it — while the graph is
+still alive. Hooks are removed by :meth:`LayerCapture.remove` or on leaving the ``with`` block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.layers.base import LayerHandler
+from natgrad.layers.conv2d import Conv2dHandler
+from natgrad.layers.embedding import EmbeddingHandler
+from natgrad.layers.linear import LinearHandler
+from natgrad.layers.norm import NORM_TYPES, NormHandler
+
+__all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "find_layers"]
+
+HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
+    (nn.Linear, LinearHandler),
+    (nn.Conv2d, Conv2dHandler),
+    (nn.Embedding, EmbeddingHandler),
+    (NORM_TYPES, NormHandler),
+)
+_MAX_PENDING = 64  # forwards kept between two steps (bounded memory)
+
+
+@dataclass
+class LayerMap:
+    """Which parameters get which treatment."""
+
+    handlers: dict[str, LayerHandler]  # module name -> handler (curvature block)
+    fallback: dict[str, str]  # parameter name -> why its module is not supported
+    excluded: list[str]  # names of parameters in excluded modules
+
+
+def _matches(name: str, module: nn.Module, exclude: Iterable[str | type]) -> bool:
+    for rule in exclude:
+        if isinstance(rule, str) and (name == rule or name.startswith(rule + ".")):
+            return True
+        if isinstance(rule, type) and isinstance(module, rule):
+            return True
+    return False
+
+
+def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMap:
+    """Assign every trainable parameter of ``model`` to a curvature block, the fallback or
+    the excluded set. ``exclude`` holds module names (their submodules too) or module types."""
+    exclude = list(exclude)
+    for rule in exclude:
+        if not isinstance(rule, (str, type)):
+            raise TypeError(f"exclude must hold module names (str) or types, got {rule!r}")
+    handlers: dict[str, LayerHandler] = {}
+    excluded_modules: list[str] = []
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(m + ".") or m == "" for m in excluded_modules)
+        if inside or _matches(name, module, exclude):
+            excluded_modules.append(name)
+            continue
+        for types, handler_type in HANDLERS:
+            if isinstance(module, types):
+                reason = handler_type.unsupported_reason(module)
+                if reason is None:
+                    handlers[name] = handler_type(module)
+                else:
+                    reasons[name] = f"{type(module).__name__} with {reason}"
+                break
+    covered = {id(p) for h in handlers.values() for p in h.params}
+    fallback: dict[str, str] = {}
+    excluded: list[str] = []
+    for pname, p in model.named_parameters():
+        if not p.requires_grad or id(p) in covered:
+            continue
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        if any(owner == m or owner.startswith(m + ".") or m == "" for m in excluded_modules):
+            excluded.append(pname)
+        else:
+            kind = type(model.get_submodule(owner)).__name__
+            fallback[pname] = reasons.get(owner, f"{kind} is not a supported layer type")
+    return LayerMap(handlers, fallback, excluded)
+
+
+@dataclass
+class Call:
+    """One call of a layer: its input, its output (while needed) and δ's from backward."""
+
+    inputs: Tensor
+    output: Tensor | None
+    grads: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class ForwardRecord:
+    """One forward of the model."""
+
+    calls: dict[str, list[Call]]
+    batch_size: int
+    used: bool = False
+    sampled_param_grads: list[list[Tensor]] = field(default_factory=list)
+
+
+class LayerCapture:
+    """Hooks that record :class:`ForwardRecord` objects while :attr:`active` is True.
+
+    Args:
+        model: the model.
+        handlers: module name -> handler, the layers to watch.
+        output_fn: maps the model's output to the likelihood's parameters.
+        on_backward: called as ``on_backward(record, output)`` when the backward of a
+            recorded forward reaches the model's output (inside the backward, graph alive).
+        grad_hooks: also record the gradient arriving at each layer output (the loss's own
+            δ, for the empirical Fisher).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        handlers: dict[str, LayerHandler],
+        output_fn: Callable[[Any], Tensor] | None = None,
+        on_backward: Callable[[ForwardRecord, Tensor], None] | None = None,
+        grad_hooks: bool = False,
+    ) -> None:
+        self.active = True
+        self.records: list[ForwardRecord] = []
+        self._output_fn = output_fn
+        self._on_backward = on_backward
+        self._grad_hooks = grad_hooks
+        self._current: dict[str, list[Call]] = {}
+        self._in_backward = False
+        self._handles = [model.register_forward_hook(self._model_hook)]
+        for name, handler in handlers.items():
+            self._handles.append(handler.module.register_forward_hook(self._layer_hook(name)))
+
+    def _capturing(self) -> bool:
+        return self.active and torch.is_grad_enabled()
+
+    def _layer_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if not self._capturing() or not isinstance(output, Tensor) or not args:
+                return
+            call = Call(args[0].detach(), output)
+            if self._grad_hooks and output.requires_grad:
+                output.register_hook(lambda grad: call.grads.append(grad.detach()))
+            self._current.setdefault(name, []).append(call)
+
+        return hook
+
+    def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        calls, self._current = self._current, {}
+        if not self._capturing() or not calls:
+            return
+        out = output if self._output_fn is None else self._output_fn(output)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                "the model's output is not a Tensor; pass output_fn to say how to get the "
+                f"likelihood's parameters from a {type(output).__name__}"
+            )
+        record = ForwardRecord(calls, out.shape[0])
+        self.records.append(record)
+        del self.records[:-_MAX_PENDING]
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._reached(record, out))
+
+    def _reached(self, record: ForwardRecord, out: Tensor) -> None:
+        if self._in_backward:  # our own re-entrant backward passes through here too
+            return
+        record.used = True
+        if self._on_backward is None:
+            return
+        self._in_backward = True
+        try:
+            self._on_backward(record, out)
+        finally:
+            self._in_backward = False
+
+    def take(self) -> list[ForwardRecord]:
+        """Records whose backward ran since the last call (others are dropped)."""
+        used = [r for r in self.records if r.used]
+        self.records.clear()
+        return used
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.records.clear()
+
+    def __enter__(self) -> LayerCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

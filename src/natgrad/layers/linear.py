@@ -1,0 +1,44 @@
+"""``nn.Linear``: ā = [a; 1] for every leading position, δ = ∂/∂(output) at that position."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.layers.base import KroneckerHandler
+
+__all__ = ["LinearHandler"]
+
+
+class LinearHandler(KroneckerHandler):
+    """Linear(d_in, d_out) with inputs ``[N, ..., d_in]``; X = [∇W | ∇b], ``[d_out, d_in+1]``."""
+
+    module: nn.Linear
+
+    @property
+    def has_bias(self) -> bool:
+        return self.module.bias is not None and self.module.bias.requires_grad
+
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def grad_rows(self, grad_outputs: Tensor) -> Tensor:
+        return grad_outputs.reshape(-1, grad_outputs.shape[-1])
+
+    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
+        weight = grads[self.module.weight]
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
+
+    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+        if not self.has_bias:
+            return {self.module.weight: matrix}
+        return {self.module.weight: matrix[:, :-1], self.module.bias: matrix[:, -1]}
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        return None if module.weight.requires_grad else "its weight is frozen"
