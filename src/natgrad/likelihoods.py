@@ -113,6 +113,7 @@ class Likelihood:
     def kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         """KL(p(·|f_p) ‖ p(·|f_q)) per sample, summed over positions. Returns ``[N]``."""
         _check_outputs(outputs_p)
+        _check_outputs(outputs_q)
         if outputs_p.shape != outputs_q.shape:
             raise ValueError(
                 f"outputs_q must have the shape of outputs_p {tuple(outputs_p.shape)}, "
@@ -173,7 +174,7 @@ class Categorical(Likelihood):
                 f"targets must hold integer class indices for the categorical likelihood, "
                 f"got dtype {targets.dtype}"
             )
-        return targets
+        return targets.long()  # one_hot and gather index with int64
 
     def _log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
         log_probs = outputs.log_softmax(-1)

@@ -210,3 +210,91 @@ def kfac_factors(
         result[name] = (sums.input_factor(), sums.grad_factor())
     return result
 
+
+
+def _ema(state: dict[str, Any], key: str, value: Tensor, decay: float) -> None:
+    old = state.get(key)
+    state[key] = value if old is None else old.mul_(decay).add_(value, alpha=1 - decay)
+
+
+class KroneckerBlock:
+    """The K-FAC block of one layer; its tensors live in ``state`` (the optimizer's state).
+
+    State keys: ``input_cov`` (A), ``grad_cov`` (G), ``input_inv``, ``grad_inv`` (the damped
+    inverses of the last refresh).
+    """
+
+    def __init__(self, handler: KroneckerHandler, state: dict[str, Any]) -> None:
+        self.handler = handler
+        self.state = state
+
+    def update(self, sums: FactorSums, decay: float) -> None:
+        """Fold one step's statistics into the exponential moving averages."""
+        _ema(self.state, "input_cov", sums.input_factor(), decay)
+        _ema(self.state, "grad_cov", sums.grad_factor(), decay)
+
+    @property
+    def ready(self) -> bool:
+        return "input_cov" in self.state
+
+    def refresh(self, damping: float, method: str, dtype: torch.dtype) -> None:
+        """Recompute the π-damped inverses of the factors."""
+        A, G = self.state["input_cov"], self.state["grad_cov"]
+        damping_in, damping_grad = pi_damping(A, G, damping)
+        self.state["input_inv"] = damped_inverse(A, damping_in, method, dtype)
+        self.state["grad_inv"] = damped_inverse(G, damping_grad, method, dtype)
+
+    @property
+    def refreshed(self) -> bool:
+        return "grad_inv" in self.state
+
+    def precondition(self, matrix: Tensor, damping: float) -> Tensor:
+        """X ↦ (G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹ for the gradient matrix X, ``[d_out, d_in]``.
+
+        The damping λ is the one of the last :meth:`refresh` (the inverses hold it).
+        """
+        grad_inv, input_inv = self.state["grad_inv"], self.state["input_inv"]
+        out = grad_inv @ matrix.to(grad_inv.dtype)
+        out = out * input_inv if input_inv.dim() == 1 else out @ input_inv
+        return out.to(matrix.dtype)
+
+    def quadratic(self, matrix: Tensor) -> Tensor:
+        """vᵀ (G ⊗ A) v = tr(Vᵀ G V A) for V = ``matrix`` (undamped factors)."""
+        A, G = self.state["input_cov"], self.state["grad_cov"]
+        v = matrix.to(G.dtype)
+        va = v * A if A.dim() == 1 else v @ A
+        return ((G @ v) * va).sum()
+
+
+class DenseBlock:
+    """An exact dense block F = (1/N) Σ ggᵀ for layers with few parameters (normalisation).
+
+    State keys: ``fisher_block`` and ``block_inv`` = (F + λI)⁻¹.
+    """
+
+    def __init__(self, handler: LayerHandler, state: dict[str, Any]) -> None:
+        self.handler = handler
+        self.state = state
+
+    def update(self, sums: FactorSums, decay: float) -> None:
+        _ema(self.state, "fisher_block", sums.grad_factor(), decay)
+
+    @property
+    def ready(self) -> bool:
+        return "fisher_block" in self.state
+
+    def refresh(self, damping: float, method: str, dtype: torch.dtype) -> None:
+        self.state["block_inv"] = damped_inverse(self.state["fisher_block"], damping, method, dtype)
+
+    @property
+    def refreshed(self) -> bool:
+        return "block_inv" in self.state
+
+    def precondition(self, vector: Tensor, damping: float) -> Tensor:
+        inverse = self.state["block_inv"]
+        return (inverse @ vector.to(inverse.dtype)).to(vector.dtype)
+
+    def quadratic(self, vector: Tensor) -> Tensor:
+        block = self.state["fisher_block"]
+        v = vector.to(block.dtype)
+        return v @ (block @ v)

@@ -41,9 +41,20 @@ class LayerHandler:
         """Why ``module`` must use the fallback update instead (None if it is supported)."""
         return None
 
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
+        """The block's parameter gradients as one tensor (a matrix X, or a flat vector)."""
+        raise NotImplementedError
+
+    def scatter(self, tensor: Tensor) -> dict[Tensor, Tensor]:
+        """Inverse of :meth:`gather`: parameter-shaped pieces of ``tensor``."""
+        raise NotImplementedError
+
 
 class KroneckerHandler(LayerHandler):
-    """A layer whose weight gradient is a sum of outer products δ āᵀ over positions."""
+    """A layer whose weight gradient is a sum of outer products δ āᵀ over positions.
+
+    :meth:`gather` returns the gradient matrix X, ``[d_out, d_in]``.
+    """
 
     diagonal_input = False  # A is diagonal (Embedding) and stored as a vector
 
@@ -53,14 +64,6 @@ class KroneckerHandler(LayerHandler):
 
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         """δ for every sample and position, ``[N·T, d_out]``, from ∂/∂(layer output)."""
-        raise NotImplementedError
-
-    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
-        """The parameters' gradients as one matrix X, ``[d_out, d_in]``."""
-        raise NotImplementedError
-
-    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
-        """Inverse of :meth:`grad_matrix`: parameter-shaped pieces of ``matrix``."""
         raise NotImplementedError
 
     def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:

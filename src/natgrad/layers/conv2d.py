@@ -40,13 +40,13 @@ class Conv2dHandler(KroneckerHandler):
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         return grad_outputs.permute(0, 2, 3, 1).reshape(-1, grad_outputs.shape[1])
 
-    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         weight = grads[self.module.weight].reshape(self.module.out_channels, -1)
         if not self.has_bias:
             return weight
         return torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
 
-    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
         weight = self.module.weight
         if not self.has_bias:
             return {weight: matrix.reshape(weight.shape)}

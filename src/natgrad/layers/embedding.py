@@ -32,10 +32,10 @@ class EmbeddingHandler(KroneckerHandler):
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         return grad_outputs.reshape(-1, grad_outputs.shape[-1])
 
-    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         return grads[self.module.weight].T
 
-    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
         return {self.module.weight: matrix.T}
 
     def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:

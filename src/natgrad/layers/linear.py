@@ -28,13 +28,13 @@ class LinearHandler(KroneckerHandler):
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         return grad_outputs.reshape(-1, grad_outputs.shape[-1])
 
-    def grad_matrix(self, grads: dict[Tensor, Tensor]) -> Tensor:
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         weight = grads[self.module.weight]
         if not self.has_bias:
             return weight
         return torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
 
-    def split_matrix(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
         if not self.has_bias:
             return {self.module.weight: matrix}
         return {self.module.weight: matrix[:, :-1], self.module.bias: matrix[:, -1]}

@@ -52,10 +52,10 @@ class NormHandler(DenseHandler):
             parts.append(self._reduce(grad_outputs))
         return torch.cat(parts, dim=1)
 
-    def grad_vector(self, grads: dict[Tensor, Tensor]) -> Tensor:
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         return torch.cat([grads[p].reshape(-1) for p in self.params])
 
-    def split_vector(self, vector: Tensor) -> dict[Tensor, Tensor]:
+    def scatter(self, vector: Tensor) -> dict[Tensor, Tensor]:
         pieces = vector.split([p.numel() for p in self.params])
         return {p: v.view_as(p) for p, v in zip(self.params, pieces, strict=True)}
 

@@ -1,0 +1,365 @@
+"""KFAC and EKFAC optimizers: Kronecker-factored natural gradient for real networks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.curvature.ekfac import EigenBlock, scaling_sum
+from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, record_sums
+from natgrad.curvature.model import FisherKind, check_kind
+from natgrad.layers.base import KroneckerHandler
+from natgrad.layers.capture import ForwardRecord, LayerCapture, find_layers
+from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+)
+
+__all__ = ["KFAC", "EKFAC"]
+
+_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_every(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class KFAC(CurvatureOptimizer):
+    """K-FAC: natural gradient with a block-diagonal, Kronecker-factored Fisher.
+
+    Each supported layer's Fisher block is G ⊗ A (see :func:`natgrad.kfac_factors`), kept as
+    exponential moving averages (decay ``stat_decay``) of statistics gathered every
+    ``stat_every`` steps, and inverted with factored Tikhonov damping every ``inv_every``
+    steps:  Δ = (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹.  The true Fisher's statistics need labels
+    drawn from the model: on statistics steps the optimizer backpropagates them itself,
+    inside the loss's backward, so the training loop is unchanged.
+
+    Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv2d`` (groups=1; other
+    groups use the fallback), ``nn.Embedding`` (diagonal input factor) and the affine
+    parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block of their own). Other
+    trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
+    diagonal Fisher estimated from the same sampled-label gradients, and a one-time warning
+    names their modules. Parameters of ``exclude``-d modules get the plain gradient.
+
+    The update is θ ← θ − lr (μ buf + ν Δ) with momentum μ and KL clipping
+    ν = min(1, √(kl_clip / (lr² Δᵀ F Δ))) (Ba et al. 2017, with K-FAC's F).
+
+    Args:
+        model: the module being trained.
+        params: parameters or param groups (default: all trainable parameters); groups may
+            set ``lr``, ``damping``, ``momentum``, ``weight_decay``; a layer uses the group
+            of its weight.
+        lr: learning rate, > 0.
+        damping: Tikhonov damping λ, > 0.
+        momentum: heavy-ball momentum in [0, 1).
+        weight_decay: weight decay; L2 (preconditioned) unless ``decoupled_weight_decay``.
+        decoupled_weight_decay: apply weight decay as θ ← θ(1 − lr·wd) (AdamW-style).
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        kind: ``"true"`` (labels sampled from the model) or ``"empirical"`` (the loss's own
+            gradients, assuming the loss is the batch-mean negative log-likelihood).
+        mc_samples: sampled labels per input for ``kind="true"``.
+        stat_every: steps between statistics updates.
+        inv_every: steps between inverse (or eigenbasis) refreshes.
+        stat_decay: EMA decay of the statistics in [0, 1).
+        kl_clip: KL-clipping bound (None: off).
+        inverse_method: ``"cholesky"`` or ``"eigh"``.
+        factor_dtype, inverse_dtype: dtypes of factors and inverses (default: the
+            parameters').
+        exclude: module names or types whose parameters are not preconditioned.
+        output_fn: maps the model's output to the likelihood's parameters.
+        seed: seeds label sampling (its RNG state is in ``state_dict``).
+
+    Example:
+        >>> opt = natgrad.KFAC(model, lr=0.1, damping=1e-3, likelihood="categorical")
+        >>> opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+
+    References:
+        Martens & Grosse, Optimizing neural networks with Kronecker-factored approximate
+        curvature, 2015. Grosse & Martens, A Kronecker-factored approximate Fisher matrix for
+        convolution layers, 2016. Ba, Grosse & Martens, Distributed second-order optimization
+        using Kronecker-factored approximations, 2017.
+    """
+
+    _block_type: type[KroneckerBlock] = KroneckerBlock
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        *,
+        lr: float = 0.1,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        likelihood: str | Likelihood = "categorical",
+        kind: str = "true",
+        mc_samples: int = 1,
+        stat_every: int = 1,
+        inv_every: int = 10,
+        stat_decay: float = 0.95,
+        kl_clip: float | None = 1e-3,
+        inverse_method: str = "cholesky",
+        factor_dtype: torch.dtype | None = None,
+        inverse_dtype: torch.dtype | None = None,
+        exclude: Iterable[str | type] = (),
+        output_fn: Callable[[Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_positive("damping", damping)
+        self.likelihood = get_likelihood(likelihood)
+        kind = check_choice("kind", kind, ("true", "mc", "empirical"))
+        # the optimizer's true Fisher is estimated with sampled labels: "mc" is the same thing
+        self.kind = FisherKind.EMPIRICAL if kind == "empirical" else FisherKind.TRUE
+        check_kind("mc", None, mc_samples)  # validates mc_samples
+        self.mc_samples = mc_samples
+        _check_every("stat_every", stat_every)
+        _check_every("inv_every", inv_every)
+        check_nonnegative("stat_decay", stat_decay, upper=1.0)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        self.inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
+        for name, dtype in (("factor_dtype", factor_dtype), ("inverse_dtype", inverse_dtype)):
+            if dtype not in _DTYPES:
+                raise TypeError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
+        self.stat_every, self.inv_every, self.stat_decay = stat_every, inv_every, stat_decay
+        self.kl_clip = kl_clip
+        defaults = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(model, params, defaults)
+        ref = self.param_groups[0]["params"][0]
+        self.factor_dtype = factor_dtype or ref.dtype
+        self.inverse_dtype = inverse_dtype or self.factor_dtype
+        self._setup_layers(model, exclude, output_fn)
+        self._generator = torch.Generator(device=ref.device)
+        self._generator.manual_seed(seed)
+        self._sync_capture()
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _setup_layers(
+        self, model: nn.Module, exclude: Iterable[str | type], output_fn: Callable | None
+    ) -> None:
+        layers = find_layers(model, exclude)
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        self.blocks: dict[str, KroneckerBlock | DenseBlock] = {}
+        for name, handler in layers.handlers.items():
+            if not any(id(p) in mine for p in handler.params):
+                continue
+            block_type = self._block_type if isinstance(handler, KroneckerHandler) else DenseBlock
+            self.blocks[name] = block_type(handler, self.state[handler.params[0]])
+        named = dict(model.named_parameters())
+        self.fallback = [named[n] for n in layers.fallback if id(named[n]) in mine]
+        self.excluded = {id(named[n]) for n in layers.excluded}
+        if self.fallback:
+            modules = sorted({f"{n.rsplit('.', 1)[0] or '<model>'} ({why})"
+                              for n, why in layers.fallback.items() if id(named[n]) in mine})
+            self._warn_once(
+                "fallback",
+                f"{type(self).__name__}: no Kronecker-factored block for these modules; their "
+                f"parameters get a diagonal-Fisher update instead: {', '.join(modules)}",
+            )
+        handlers = {name: block.handler for name, block in self.blocks.items()}
+        empirical = self.kind is FisherKind.EMPIRICAL
+        self._capture = LayerCapture(
+            model, handlers, output_fn,
+            on_backward=self._on_backward, grad_hooks=empirical,
+        )
+
+    def _sync_capture(self) -> None:
+        # statistics are gathered on steps 0, stat_every, 2·stat_every, ...
+        self._capture.active = self.global_state["step"] % self.stat_every == 0
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.global_state["rng_state"] = self._generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for block in self.blocks.values():  # blocks view the (new) per-layer state dicts
+            block.state = self.state[block.handler.params[0]]
+        rng = self.global_state.get("rng_state")
+        if rng is not None:
+            self._generator.set_state(rng.cpu())
+        self._sync_capture()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_positive("damping", self.param_groups[-1]["damping"])
+
+    # --- statistics -------------------------------------------------------------------------
+    def _on_backward(self, record: ForwardRecord, output: Tensor) -> None:
+        """Inside the loss's backward: backpropagate labels drawn from the model."""
+        calls = [call for calls in record.calls.values() for call in calls]
+        if self.kind is FisherKind.TRUE:
+            targets = [c.output for c in calls] + self.fallback
+            detached = output.detach()
+            for _ in range(self.mc_samples):
+                labels = self.likelihood.sample(detached, self._generator)
+                score = self.likelihood.score(detached, labels)  # ∂ Σ log p / ∂ output
+                grads = torch.autograd.grad(
+                    output, targets, score, retain_graph=True, allow_unused=True
+                )
+                for call, grad in zip(calls, grads, strict=False):
+                    call.grads.append(torch.zeros_like(call.output) if grad is None else grad)
+                record.sampled_param_grads.append(list(grads[len(calls):]))
+        for call in calls:
+            call.output = None  # the statistics need only δ from here on
+
+    def _draw_weights(self, record: ForwardRecord) -> list[float]:
+        if self.kind is FisherKind.EMPIRICAL:
+            return [float(record.batch_size) ** 2]  # δ = N · ∂(mean loss)/∂s
+        return [1.0 / self.mc_samples] * self.mc_samples
+
+    def _gather_statistics(
+        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor]
+    ) -> bool:
+        """Fold the records' statistics into the EMAs; False if any is not finite."""
+        new: dict[str, FactorSums] = {}
+        for name, block in self.blocks.items():
+            sums = FactorSums()
+            for record in records:
+                if name in record.calls:
+                    record_sums(
+                        block.handler, record.calls[name], record.batch_size, sums,
+                        self._draw_weights(record), self.factor_dtype,
+                    )
+            if sums.samples:
+                new[name] = sums
+        diag = self._fallback_diagonal(records, grads)
+        values = [s.input_sum for s in new.values() if s.input_sum is not None]
+        values += [s.grad_sum for s in new.values()] + list(diag.values())
+        if not all(bool(torch.isfinite(v).all()) for v in values):
+            return False
+        for name, sums in new.items():
+            self.blocks[name].update(sums, self.stat_decay)
+        for p, value in diag.items():
+            state = self.state[p]
+            old = state.get("fisher_diag")
+            state["fisher_diag"] = value if old is None else old.mul_(self.stat_decay).add_(
+                value, alpha=1 - self.stat_decay
+            )
+        return True
+
+    def _fallback_diagonal(
+        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor]
+    ) -> dict[Tensor, Tensor]:
+        """diag F ≈ E[ĝ²]/N with ĝ the batch-summed sampled-label gradient (unbiased)."""
+        if not self.fallback or not records:
+            return {}
+        n = sum(r.batch_size for r in records)
+        if self.kind is FisherKind.EMPIRICAL:
+            return {p: (grads[p] * n).square() / n for p in self.fallback if p in grads}
+        out: dict[Tensor, Tensor] = {}
+        for record in records:
+            for draw in record.sampled_param_grads:
+                for p, g in zip(self.fallback, draw, strict=True):
+                    if g is not None:
+                        value = g.square() / (n * self.mc_samples)
+                        out[p] = value if p not in out else out[p] + value
+        return out
+
+    def _extra_statistics(self, records: list[ForwardRecord]) -> None:
+        """Hook for EKFAC's scaling statistics."""
+
+    # --- the update ---------------------------------------------------------------------------
+    def _refresh(self, groups: dict[int, dict[str, Any]]) -> None:
+        for block in self.blocks.values():
+            if block.ready:
+                damping = groups[id(block.handler.params[0])]["damping"]
+                block.refresh(damping, self.inverse_method, self.inverse_dtype)
+
+    def _precondition(
+        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+    ) -> dict[Tensor, Tensor] | None:
+        step = self.global_state["step"]
+        groups = self._group_of()
+        records = self._capture.take()
+        if records and not self._gather_statistics(records, grads):
+            return None
+        if step % self.inv_every == 0 or not all(
+            b.refreshed for b in self.blocks.values() if b.ready
+        ):
+            self._refresh(groups)
+        if records:
+            self._extra_statistics(records)
+        directions: dict[Tensor, Tensor] = {}
+        quadratic = torch.zeros((), dtype=torch.float64)
+        for block in self.blocks.values():
+            params = block.handler.params
+            if not block.refreshed or not all(p in grads for p in params):
+                continue
+            group = groups[id(params[0])]
+            direction = block.precondition(block.handler.gather(grads), group["damping"])
+            if self.kl_clip is not None:
+                quadratic += group["lr"] ** 2 * block.quadratic(direction).double().cpu()
+            directions.update(block.handler.scatter(direction))
+        for p in self.fallback:
+            if p in grads and "fisher_diag" in self.state[p]:
+                group = groups[id(p)]
+                direction = grads[p] / (self.state[p]["fisher_diag"] + group["damping"])
+                directions[p] = direction
+                if self.kl_clip is not None:
+                    value = (self.state[p]["fisher_diag"] * direction.square()).sum()
+                    quadratic += group["lr"] ** 2 * value.double().cpu()
+        for p, g in grads.items():
+            directions.setdefault(p, g)  # excluded parameters, or no statistics yet
+        if self.kl_clip is not None and float(quadratic) > 0:
+            scale = min(1.0, math.sqrt(self.kl_clip / float(quadratic)))
+            if scale < 1.0:
+                directions = {p: d * scale for p, d in directions.items()}
+        return {p: d for p, d in directions.items() if p in grads}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = super().step(closure)
+        self._sync_capture()
+        return loss
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no more statistics are gathered)."""
+        self._capture.remove()
+
+
+class EKFAC(KFAC):
+    """EKFAC: K-FAC's eigenbasis (refreshed every ``inv_every`` steps) with a diagonal
+    rescaling s = E[(Q_Gᵀ Xₙ Q_A)²] of the per-sample gradients in that basis (updated every
+    ``stat_every`` steps): Δ = Q_G ((Q_Gᵀ ∇W Q_A) / (s + λ)) Q_Aᵀ.
+
+    Same arguments as :class:`KFAC` (``inverse_method`` is unused: EKFAC always
+    eigendecomposes). After each eigenbasis refresh the scaling restarts from K-FAC's
+    eigenvalues and is refined by the following statistics steps.
+
+    References:
+        George, Laurent, Bouthillier, Ballas & Vincent, Fast approximate natural gradient
+        descent in a Kronecker-factored eigenbasis, 2018.
+    """
+
+    _block_type = EigenBlock
+
+    def _extra_statistics(self, records: list[ForwardRecord]) -> None:
+        for name, block in self.blocks.items():
+            if not isinstance(block, EigenBlock) or not block.refreshed:
+                continue
+            total, samples = None, 0
+            for record in records:
+                if name not in record.calls:
+                    continue
+                part = scaling_sum(
+                    block.handler, record.calls[name], self._draw_weights(record),
+                    block.state["eigvecs_out"], block.state["eigvecs_in"],
+                )
+                total = part if total is None else total + part
+                samples += record.batch_size
+            if total is not None:
+                block.update_scaling(total, samples, self.stat_decay)
