@@ -181,9 +181,12 @@ class Categorical(Likelihood):
         return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def _sample(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        probs = outputs.softmax(-1).reshape(-1, outputs.shape[-1])
-        draws = torch.multinomial(probs, 1, generator=generator)
-        return draws.reshape(outputs.shape[:-1])
+        # inverse-CDF sampling: one uniform per position (several times faster than multinomial)
+        cdf = outputs.softmax(-1).cumsum(-1)
+        uniform = torch.rand(
+            cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device
+        )
+        return (cdf < uniform).sum(-1).clamp_max(outputs.shape[-1] - 1)
 
     def _score(self, outputs: Tensor, targets: Tensor) -> Tensor:
         # ∂ log softmax(f)_y / ∂f = onehot(y) − p

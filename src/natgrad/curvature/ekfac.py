@@ -24,7 +24,7 @@ __all__ = ["EigenBlock", "scaling_sum"]
 
 
 def _project(matrices: Tensor, eigvecs_out: Tensor, eigvecs_in: Tensor | None) -> Tensor:
-    """Q_Gᵀ X Q_A for one or a batch of matrices X."""
+    """Q_Gᵀ X Q_A for a matrix X."""
     out = eigvecs_out.T @ matrices
     return out if eigvecs_in is None else out @ eigvecs_in
 
@@ -38,15 +38,28 @@ def scaling_sum(
 ) -> Tensor:
     """Σₙ Σ_draws w (Q_Gᵀ Xₙ Q_A)² over one forward's samples, ``[d_out, d_in]``.
 
-    Xₙ sums over all calls of the layer in the forward (a per-sample gradient).
+    Xₙ = Σ over positions and calls of δ āᵀ is one sample's gradient matrix. The rows are
+    projected onto the eigenbases first; with one position per sample the squared projected
+    gradient factorises, (Q_Gᵀδ)² ((Q_Aᵀā)²)ᵀ, and the sum over samples is one matmul.
     """
+    dtype = eigvecs_out.dtype
     total = None
     for j, weight in enumerate(weights):
-        per_sample = sum(
-            handler.per_sample_grads(call.inputs, call.grads[j]) for call in calls
-        ).to(eigvecs_out.dtype)
-        squares = _project(per_sample, eigvecs_out, eigvecs_in).square().sum(0) * weight
-        total = squares if total is None else total + squares
+        if eigvecs_in is None:  # diagonal input factor: the gradient matrix is sparse
+            per_sample = sum(handler.per_sample_grads(c.inputs, c.grads[j]) for c in calls)
+            part = (eigvecs_out.T @ per_sample.to(dtype)).square().sum(0)
+        else:
+            n = calls[0].grads[j].shape[0]
+            rows_out = [handler.grad_rows(c.grads[j]).to(dtype) @ eigvecs_out for c in calls]
+            rows_in = [handler.input_rows(c.inputs).to(dtype) @ eigvecs_in for c in calls]
+            if len(calls) == 1 and rows_out[0].shape[0] == n:
+                part = rows_out[0].square().T @ rows_in[0].square()
+            else:
+                out = torch.cat([r.reshape(n, -1, r.shape[1]) for r in rows_out], dim=1)
+                inp = torch.cat([r.reshape(n, -1, r.shape[1]) for r in rows_in], dim=1)
+                part = (out.transpose(1, 2) @ inp).square().sum(0)
+        part = part * weight
+        total = part if total is None else total + part
     return total
 
 

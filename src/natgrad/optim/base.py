@@ -59,6 +59,19 @@ def _is_finite(value: Tensor | float | None) -> bool:
     return math.isfinite(float(value))
 
 
+def all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """True if every entry of every tensor is finite (one device sync per dtype/device)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    # a norm is NaN or inf when some entry is (or, harmlessly, when it overflows)
+    return all(
+        bool(torch.stack(torch._foreach_norm(ts, 2)).isfinite().all())
+        for ts in groups.values()
+    )
+
+
 class CurvatureOptimizer(Optimizer):
     """Base class of natgrad's optimizers (see module docstring).
 
@@ -139,13 +152,13 @@ class CurvatureOptimizer(Optimizer):
         if not _is_finite(loss):
             self._skip("loss")
             return loss
-        if not all(_is_finite(p.grad) for p in params):
+        if not all_finite(p.grad for p in params):
             self._skip("gradient")
             return loss
         groups = self._group_of()
         grads = {p: self._regularised_grad(p, groups[id(p)]) for p in params}
         directions = self._precondition(grads, loss)
-        if directions is None or not all(_is_finite(d) for d in directions.values()):
+        if directions is None or not all_finite(directions.values()):
             self._skip("curvature")
             return loss
         self._apply(directions)
@@ -170,19 +183,23 @@ class CurvatureOptimizer(Optimizer):
 
     def _apply(self, directions: dict[Tensor, Tensor]) -> None:
         # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first
-        groups = self._group_of()
-        for p, direction in directions.items():
-            group = groups[id(p)]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in directions]
+            if not params:
+                continue
             lr, momentum = group["lr"], group.get("momentum", 0.0)
             wd = group.get("weight_decay", 0.0)
             if wd and group.get("decoupled_weight_decay", False):
-                p.mul_(1 - lr * wd)
+                torch._foreach_mul_(params, 1 - lr * wd)
+            steps = [directions[p] for p in params]
             if momentum:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = direction.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(direction)
-                direction = buf
-            p.add_(direction, alpha=-lr)
+                old = [p for p in params if "momentum_buffer" in self.state[p]]
+                if old:
+                    buffers = [self.state[p]["momentum_buffer"] for p in old]
+                    torch._foreach_mul_(buffers, momentum)
+                    torch._foreach_add_(buffers, [directions[p] for p in old])
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = directions[p].detach().clone()
+                steps = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_add_(params, steps, alpha=-lr)

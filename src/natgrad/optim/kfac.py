@@ -17,6 +17,7 @@ from natgrad.layers.capture import ForwardRecord, LayerCapture, find_layers
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.base import (
     CurvatureOptimizer,
+    all_finite,
     check_choice,
     check_nonnegative,
     check_positive,
@@ -239,7 +240,7 @@ class KFAC(CurvatureOptimizer):
         diag = self._fallback_diagonal(records, grads)
         values = [s.input_sum for s in new.values() if s.input_sum is not None]
         values += [s.grad_sum for s in new.values()] + list(diag.values())
-        if not all(bool(torch.isfinite(v).all()) for v in values):
+        if not all_finite(values):
             return False
         for name, sums in new.items():
             self.blocks[name].update(sums, self.stat_decay)
@@ -294,7 +295,7 @@ class KFAC(CurvatureOptimizer):
         if records:
             self._extra_statistics(records)
         directions: dict[Tensor, Tensor] = {}
-        quadratic = torch.zeros((), dtype=torch.float64)
+        quadratics: list[Tensor] = []  # lr² vᵀFv per block, for KL clipping
         for block in self.blocks.values():
             params = block.handler.params
             if not block.refreshed or not all(p in grads for p in params):
@@ -302,7 +303,7 @@ class KFAC(CurvatureOptimizer):
             group = groups[id(params[0])]
             direction = block.precondition(block.handler.gather(grads), group["damping"])
             if self.kl_clip is not None:
-                quadratic += group["lr"] ** 2 * block.quadratic(direction).double().cpu()
+                quadratics.append(group["lr"] ** 2 * block.quadratic(direction))
             directions.update(block.handler.scatter(direction))
         for p in self.fallback:
             if p in grads and "fisher_diag" in self.state[p]:
@@ -311,11 +312,12 @@ class KFAC(CurvatureOptimizer):
                 directions[p] = direction
                 if self.kl_clip is not None:
                     value = (self.state[p]["fisher_diag"] * direction.square()).sum()
-                    quadratic += group["lr"] ** 2 * value.double().cpu()
+                    quadratics.append(group["lr"] ** 2 * value)
         for p, g in grads.items():
             directions.setdefault(p, g)  # excluded parameters, or no statistics yet
-        if self.kl_clip is not None and float(quadratic) > 0:
-            scale = min(1.0, math.sqrt(self.kl_clip / float(quadratic)))
+        quadratic = float(sum(q.double() for q in quadratics)) if quadratics else 0.0
+        if self.kl_clip is not None and quadratic > 0:
+            scale = min(1.0, math.sqrt(self.kl_clip / quadratic))
             if scale < 1.0:
                 directions = {p: d * scale for p, d in directions.items()}
         return {p: d for p, d in directions.items() if p in grads}
