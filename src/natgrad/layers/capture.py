@@ -9,7 +9,8 @@ still alive. Hooks are removed by :meth:`LayerCapture.remove` or on leaving the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from natgrad.layers.embedding import EmbeddingHandler
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
 
-__all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "find_layers"]
+__all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "batch_inputs", "find_layers"]
 
 HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
     (nn.Linear, LinearHandler),
@@ -100,23 +101,29 @@ class Call:
 
 @dataclass
 class ForwardRecord:
-    """One forward of the model."""
+    """One forward of the model: its inputs, output, the output's gradient, layer calls."""
 
+    inputs: tuple[Tensor, ...]
     calls: dict[str, list[Call]]
     batch_size: int
+    output: Tensor | None = None  # detached, set when the backward reaches it
+    output_grad: Tensor | None = None  # ∂loss/∂output
     used: bool = False
     sampled_param_grads: list[list[Tensor]] = field(default_factory=list)
 
 
 class LayerCapture:
-    """Hooks that record :class:`ForwardRecord` objects while :attr:`active` is True.
+    """Hooks that record one :class:`ForwardRecord` per forward of the model.
+
+    Every forward with gradients enabled records the model's inputs; layer calls are
+    recorded only while :attr:`active` is True (statistics steps).
 
     Args:
         model: the model.
         handlers: module name -> handler, the layers to watch.
         output_fn: maps the model's output to the likelihood's parameters.
         on_backward: called as ``on_backward(record, output)`` when the backward of a
-            recorded forward reaches the model's output (inside the backward, graph alive).
+            forward with layer calls reaches the model's output (graph still alive).
         grad_hooks: also record the gradient arriving at each layer output (the loss's own
             δ, for the empirical Fisher).
     """
@@ -136,16 +143,16 @@ class LayerCapture:
         self._grad_hooks = grad_hooks
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
+        self._paused = False
         self._handles = [model.register_forward_hook(self._model_hook)]
         for name, handler in handlers.items():
             self._handles.append(handler.module.register_forward_hook(self._layer_hook(name)))
 
-    def _capturing(self) -> bool:
-        return self.active and torch.is_grad_enabled()
-
     def _layer_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if not self._capturing() or not isinstance(output, Tensor) or not args:
+            if not (self.active and not self._paused and torch.is_grad_enabled()):
+                return
+            if not isinstance(output, Tensor) or not args:
                 return
             call = Call(args[0].detach(), output)
             if self._grad_hooks and output.requires_grad:
@@ -156,7 +163,7 @@ class LayerCapture:
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         calls, self._current = self._current, {}
-        if not self._capturing() or not calls:
+        if self._paused or not torch.is_grad_enabled():
             return
         out = output if self._output_fn is None else self._output_fn(output)
         if not isinstance(out, Tensor):
@@ -164,17 +171,20 @@ class LayerCapture:
                 "the model's output is not a Tensor; pass output_fn to say how to get the "
                 f"likelihood's parameters from a {type(output).__name__}"
             )
-        record = ForwardRecord(calls, out.shape[0])
+        if not out.requires_grad:
+            return
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        record = ForwardRecord(inputs, calls, out.shape[0])
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
-        if out.requires_grad:
-            out.register_hook(lambda grad: self._reached(record, out))
+        out.register_hook(lambda grad: self._reached(record, out, grad))
 
-    def _reached(self, record: ForwardRecord, out: Tensor) -> None:
+    def _reached(self, record: ForwardRecord, out: Tensor, grad: Tensor) -> None:
         if self._in_backward:  # our own re-entrant backward passes through here too
             return
         record.used = True
-        if self._on_backward is None:
+        record.output, record.output_grad = out.detach(), grad.detach()
+        if self._on_backward is None or not record.calls:
             return
         self._in_backward = True
         try:
@@ -188,6 +198,15 @@ class LayerCapture:
         self.records.clear()
         return used
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore forwards inside this block (the optimizer's own re-runs of the model)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -199,3 +218,16 @@ class LayerCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def batch_inputs(records: list[ForwardRecord]) -> tuple[Tensor, ...]:
+    """The inputs of several forwards concatenated along the batch (micro-batches)."""
+    for record in records:
+        if not record.inputs or not all(isinstance(a, Tensor) for a in record.inputs):
+            raise TypeError(
+                "natgrad needs the model's forward to take only Tensor positional arguments "
+                "batched along dimension 0"
+            )
+    if len(records) == 1:
+        return records[0].inputs
+    return tuple(torch.cat(parts) for parts in zip(*(r.inputs for r in records), strict=True))

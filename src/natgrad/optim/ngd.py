@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.dense import fisher_rows
 from natgrad.curvature.model import FisherKind, FunctionalModel, check_kind, flatten, unflatten
-from natgrad.layers.model import ModelCapture
+from natgrad.layers.capture import LayerCapture, batch_inputs
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.base import CurvatureOptimizer, check_choice, check_positive
 
@@ -128,7 +128,7 @@ class NaturalGradient(CurvatureOptimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults)
         self.output_fn = output_fn
-        self._capture = ModelCapture(model, output_fn)
+        self._capture = LayerCapture(model, {}, output_fn)
         self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
         self._generator.manual_seed(seed)
 
@@ -149,8 +149,8 @@ class NaturalGradient(CurvatureOptimizer):
     def _precondition(
         self, grads: dict[Tensor, Tensor], loss: Tensor | None
     ) -> dict[Tensor, Tensor] | None:
-        batches = self._capture.take()
-        if not batches:
+        records = self._capture.take()
+        if not records:
             raise RuntimeError(
                 "NaturalGradient.step() needs the Fisher of the current batch, but no forward of "
                 "the model was backpropagated since the last step"
@@ -162,7 +162,7 @@ class NaturalGradient(CurvatureOptimizer):
              for p in params]
         )
         grad = flatten([grads[p] for p in params])
-        inputs = tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+        inputs = batch_inputs(records)
         fmodel = FunctionalModel(self.model, self.output_fn, params)
         with self._capture.paused():
             rows, _ = fisher_rows(
