@@ -121,6 +121,31 @@ class Likelihood:
             )
         return self._kl(outputs_p, outputs_q).reshape(outputs_p.shape[0], -1).sum(1)
 
+    def mean(self, outputs: Tensor) -> Tensor:
+        """E[y | f] in the form of the score's targets: class probabilities ``[N, ..., C]``
+        for categorical, ``f`` for gaussian, σ(f) for bernoulli (so r = y − mean)."""
+        _check_outputs(outputs)
+        return self._mean(outputs)
+
+    def cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
+        """−E_{y~q}[log p(y | f)] per sample for a target distribution q given by its mean
+        (``soft_targets`` shaped like :meth:`mean`; one-hot rows give −log p(y | f)). ``[N]``"""
+        _check_outputs(outputs)
+        if soft_targets.shape != outputs.shape:
+            raise ValueError(
+                f"soft_targets must have the shape of outputs {tuple(outputs.shape)}, "
+                f"got {tuple(soft_targets.shape)}"
+            )
+        return self._cross_entropy(outputs, soft_targets).reshape(outputs.shape[0], -1).sum(1)
+
+    def targets_from_grad(self, outputs: Tensor, output_grad: Tensor) -> Tensor:
+        """Recover the (soft) targets from ∂L/∂f of the batch-mean negative log-likelihood L.
+
+        For all three likelihoods ∂(−log p(y|f))/∂f = mean(f) − y, so with L the mean over N
+        samples, y = mean(f) − N·∂L/∂f (exactly, label smoothing included).
+        """
+        return self.mean(outputs) - outputs.shape[0] * output_grad
+
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Validate ``targets`` against ``outputs``; returns them in the dtype used internally."""
         if not isinstance(targets, Tensor):
@@ -147,6 +172,12 @@ class Likelihood:
         raise NotImplementedError
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _mean(self, outputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -212,6 +243,12 @@ class Categorical(Likelihood):
         log_p, log_q = outputs_p.log_softmax(-1), outputs_q.log_softmax(-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1)
 
+    def _mean(self, outputs: Tensor) -> Tensor:
+        return outputs.softmax(-1)
+
+    def _cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
+        return -(soft_targets * outputs.log_softmax(-1)).sum(-1)
+
 
 class Gaussian(Likelihood):
     """p(y | f) = N(y; f, I): unit variance, so Λ = I."""
@@ -249,6 +286,13 @@ class Gaussian(Likelihood):
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         return 0.5 * (outputs_p - outputs_q) ** 2
 
+    def _mean(self, outputs: Tensor) -> Tensor:
+        return outputs
+
+    def _cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
+        # the mean's own variance term is a constant in f and is left out
+        return 0.5 * (soft_targets - outputs) ** 2 + 0.5 * math.log(2 * math.pi)
+
 
 class Bernoulli(Likelihood):
     """p(y | f) = Π σ(f)^y (1 − σ(f))^(1−y) elementwise; Λ = diag(σ(f)(1 − σ(f)))."""
@@ -285,6 +329,12 @@ class Bernoulli(Likelihood):
         log_ratio_one = F.logsigmoid(outputs_p) - F.logsigmoid(outputs_q)
         log_ratio_zero = F.logsigmoid(-outputs_p) - F.logsigmoid(-outputs_q)
         return prob * log_ratio_one + (1 - prob) * log_ratio_zero
+
+    def _mean(self, outputs: Tensor) -> Tensor:
+        return outputs.sigmoid()
+
+    def _cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(outputs, soft_targets, reduction="none")
 
 
 _LIKELIHOODS: dict[str, type[Likelihood]] = {

@@ -124,11 +124,18 @@ class FunctionalModel:
     def detached_params(self) -> tuple[Tensor, ...]:
         return tuple(p.detach() for p in self.params)
 
-    def outputs(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
-        """The model's (extracted) outputs at parameters ``params``, ``[N, ...]``."""
-        out = torch.func.functional_call(
-            self.model, dict(zip(self.names, params, strict=True)), inputs, strict=False
-        )
+    def outputs(
+        self, params: Sequence[Tensor], inputs: tuple[Tensor, ...], frozen_buffers: bool = False
+    ) -> Tensor:
+        """The model's (extracted) outputs at parameters ``params``, ``[N, ...]``.
+
+        ``frozen_buffers`` runs the model on copies of its buffers, so that a forward in
+        training mode leaves running statistics (BatchNorm) untouched.
+        """
+        tensors = dict(zip(self.names, params, strict=True))
+        if frozen_buffers:
+            tensors = {**{n: b.clone() for n, b in self.model.named_buffers()}, **tensors}
+        out = torch.func.functional_call(self.model, tensors, inputs, strict=False)
         return out if self.output_fn is None else self.output_fn(out)
 
     def per_sample_jacobian(self, inputs: tuple[Tensor, ...]) -> Tensor:

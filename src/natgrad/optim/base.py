@@ -18,6 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad.curvature.model import FunctionalModel
+from natgrad.layers.capture import ForwardRecord
+from natgrad.likelihoods import Likelihood
+from natgrad.optim.control import AutoSettings, QuadraticControl, lm_update
+
 __all__ = ["CurvatureOptimizer", "check_positive", "check_nonnegative", "check_choice"]
 
 GLOBAL = "natgrad"  # key of the optimizer-wide entry in ``self.state``
@@ -49,6 +54,18 @@ def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return str(value)
+
+
+AUTO = "auto"
+INITIAL_DAMPING = 1e-2  # Levenberg-Marquardt's starting λ (PERFORMANCE.md: lower diverged)
+
+
+def _check_hyper(group: dict[str, Any]) -> None:
+    check_positive("lr", group["lr"])
+    check_nonnegative("momentum", group.get("momentum", 0.0), upper=1.0)
+    check_nonnegative("weight_decay", group.get("weight_decay", 0.0))
+    if "damping" in group:
+        check_positive("damping", group["damping"])
 
 
 def _is_finite(value: Tensor | float | None) -> bool:
@@ -85,12 +102,34 @@ class CurvatureOptimizer(Optimizer):
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
         defaults: dict[str, Any],
+        likelihood: Likelihood,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        lm_every: int = 5,
+        min_damping: float = 1e-5,
+        initial_damping: float = INITIAL_DAMPING,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_positive("lr", defaults["lr"], allow=self._auto_allowed("lr"))
-        check_nonnegative("momentum", defaults.get("momentum", 0.0), upper=1.0)
-        check_nonnegative("weight_decay", defaults.get("weight_decay", 0.0))
+        defaults = dict(defaults)
+        self.auto = AutoSettings(
+            lr=defaults["lr"] == AUTO,
+            momentum=defaults.get("momentum") == AUTO,
+            damping=defaults.get("damping") == AUTO,
+            lm_every=lm_every,
+            min_damping=min_damping,
+        )
+        if self.auto.lr:
+            defaults["lr"] = 1.0  # a multiplier on the automatic step, for LR schedulers
+        if self.auto.momentum:
+            defaults["momentum"] = 0.0
+        check_positive("initial_damping", initial_damping)
+        if self.auto.damping:
+            defaults["damping"] = initial_damping
+        self._initial_damping = initial_damping
+        _check_hyper(defaults)
+        if isinstance(lm_every, bool) or not isinstance(lm_every, int) or lm_every < 1:
+            raise ValueError(f"lm_every must be a positive int, got {lm_every!r}")
+        check_positive("min_damping", min_damping)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
@@ -99,18 +138,21 @@ class CurvatureOptimizer(Optimizer):
             if any(id(p) not in model_params for p in group["params"]):
                 raise ValueError("params must be parameters of model")
         self.model = model
+        self.likelihood = likelihood
+        self.output_fn = output_fn
+        self._control = QuadraticControl(self.auto, likelihood)
+        self._records: list[ForwardRecord] = []
         self._warned: set[str] = set()
-
-    @staticmethod
-    def _auto_allowed(name: str) -> tuple[str, ...]:
-        return ()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_positive("lr", group["lr"], allow=self._auto_allowed("lr"))
-        check_nonnegative("momentum", group.get("momentum", 0.0), upper=1.0)
-        check_nonnegative("weight_decay", group.get("weight_decay", 0.0))
+        _check_hyper(self.param_groups[-1])
+
+    def damping_of(self, group: dict[str, Any]) -> float:
+        """The damping λ in force for ``group`` (the adaptive one if ``damping="auto"``)."""
+        if self.auto.damping:
+            return self.global_state.setdefault("damping", self._initial_damping)
+        return group["damping"]
 
     # --- state ----------------------------------------------------------------------------
     @property
@@ -161,7 +203,12 @@ class CurvatureOptimizer(Optimizer):
         if directions is None or not all_finite(directions.values()):
             self._skip("curvature")
             return loss
-        self._apply(directions)
+        if self.auto.enabled:
+            if not self._apply_auto(grads, directions):
+                self._skip("quadratic model")
+                return loss
+        else:
+            self._apply(directions)
         self.global_state["step"] += 1
         return loss
 
@@ -180,6 +227,55 @@ class CurvatureOptimizer(Optimizer):
     ) -> dict[Tensor, Tensor] | None:
         """Map gradients to update directions Δ (the step is −lr·Δ). None: skip the step."""
         raise NotImplementedError
+
+    def _apply_auto(self, grads: dict[Tensor, Tensor], directions: dict[Tensor, Tensor]) -> bool:
+        """δ = a·d + m·δ₀ from the quadratic model; LM damping (see :mod:`.control`)."""
+        if not self._records:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() with automatic lr/momentum/damping needs the "
+                "current batch, but no forward of the model was backpropagated since the last step"
+            )
+        groups = self._group_of()
+        params = list(directions)
+        first = self.param_groups[0]
+        # d = −lr·Δ for a fixed lr (a = 1 then reproduces the plain step); d = −Δ for auto
+        descent = [
+            -directions[p] if self.auto.lr else -groups[id(p)]["lr"] * directions[p]
+            for p in params
+        ]
+        previous = [self.state[p].get("previous_update") for p in params]
+        has_previous = all(v is not None for v in previous)
+        fmodel = FunctionalModel(self.model, self.output_fn, params)
+        wd = 0.0 if first.get("decoupled_weight_decay") else first.get("weight_decay", 0.0)
+        damping = self.damping_of(first)
+        with self._capture.paused():
+            result = self._control.updates(
+                fmodel, self._records, [grads[p] for p in params], descent,
+                previous if has_previous else None, damping, wd,
+                fixed=(1.0, first.get("momentum", 0.0)),
+                scale=first["lr"] if self.auto.lr else 1.0,
+            )
+        if result is None or not all_finite(result[0]):
+            return False
+        update, info = result
+        for p, delta in zip(params, update, strict=True):
+            group = groups[id(p)]
+            if group.get("weight_decay") and group.get("decoupled_weight_decay"):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(delta)
+            self.state[p]["previous_update"] = delta
+        state = self.global_state
+        state.update(alpha=info["alpha"], mu=info["mu"])
+        if self.auto.damping and state["step"] % self.auto.lm_every == 0:
+            with self._capture.paused():
+                rho = self._control.reduction_ratio(
+                    fmodel, self._records, info["predicted_change"]
+                )
+            state["rho"] = rho
+            state["damping"] = lm_update(
+                damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
+            )
+        return True
 
     def _apply(self, directions: dict[Tensor, Tensor]) -> None:
         # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first

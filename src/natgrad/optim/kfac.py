@@ -58,9 +58,11 @@ class KFAC(CurvatureOptimizer):
         params: parameters or param groups (default: all trainable parameters); groups may
             set ``lr``, ``damping``, ``momentum``, ``weight_decay``; a layer uses the group
             of its weight.
-        lr: learning rate, > 0.
-        damping: Tikhonov damping λ, > 0.
-        momentum: heavy-ball momentum in [0, 1).
+        lr: learning rate, > 0, or ``"auto"``: chosen each step by minimising the quadratic
+            model with the exact Fisher of the batch (the number in ``param_groups`` then
+            multiplies it, so LR schedulers still act; KL clipping is off).
+        damping: Tikhonov damping λ, > 0, or ``"auto"`` (Levenberg–Marquardt).
+        momentum: heavy-ball momentum in [0, 1), or ``"auto"`` (chosen jointly with lr).
         weight_decay: weight decay; L2 (preconditioned) unless ``decoupled_weight_decay``.
         decoupled_weight_decay: apply weight decay as θ ← θ(1 − lr·wd) (AdamW-style).
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
@@ -77,6 +79,8 @@ class KFAC(CurvatureOptimizer):
         exclude: module names or types whose parameters are not preconditioned.
         output_fn: maps the model's output to the likelihood's parameters.
         seed: seeds label sampling (its RNG state is in ``state_dict``).
+        lm_every, min_damping, initial_damping: Levenberg–Marquardt settings for
+            ``damping="auto"``: steps between adjustments, floor, starting value.
 
     Example:
         >>> opt = natgrad.KFAC(model, lr=0.1, damping=1e-3, likelihood="categorical")
@@ -96,9 +100,9 @@ class KFAC(CurvatureOptimizer):
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         *,
-        lr: float = 0.1,
-        damping: float = 1e-3,
-        momentum: float = 0.9,
+        lr: float | str = 0.1,
+        damping: float | str = 1e-3,
+        momentum: float | str = 0.9,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         likelihood: str | Likelihood = "categorical",
@@ -114,9 +118,11 @@ class KFAC(CurvatureOptimizer):
         exclude: Iterable[str | type] = (),
         output_fn: Callable[[Any], Tensor] | None = None,
         seed: int = 0,
+        lm_every: int = 5,
+        min_damping: float = 1e-5,
+        initial_damping: float = 1e-2,
     ) -> None:
-        check_positive("damping", damping)
-        self.likelihood = get_likelihood(likelihood)
+        likelihood = get_likelihood(likelihood)
         kind = check_choice("kind", kind, ("true", "mc", "empirical"))
         # the optimizer's true Fisher is estimated with sampled labels: "mc" is the same thing
         self.kind = FisherKind.EMPIRICAL if kind == "empirical" else FisherKind.TRUE
@@ -137,7 +143,12 @@ class KFAC(CurvatureOptimizer):
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(model, params, defaults)
+        super().__init__(
+            model, params, defaults, likelihood, output_fn, lm_every, min_damping,
+            initial_damping,
+        )
+        if self.auto.lr:
+            self.kl_clip = None  # the quadratic model bounds the step instead
         ref = self.param_groups[0]["params"][0]
         self.factor_dtype = factor_dtype or ref.dtype
         self.inverse_dtype = inverse_dtype or self.factor_dtype
@@ -193,10 +204,6 @@ class KFAC(CurvatureOptimizer):
         if rng is not None:
             self._generator.set_state(rng.cpu())
         self._sync_capture()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        check_positive("damping", self.param_groups[-1]["damping"])
 
     # --- statistics -------------------------------------------------------------------------
     def _on_backward(self, record: ForwardRecord, output: Tensor) -> None:
@@ -277,7 +284,7 @@ class KFAC(CurvatureOptimizer):
     def _refresh(self, groups: dict[int, dict[str, Any]]) -> None:
         for block in self.blocks.values():
             if block.ready:
-                damping = groups[id(block.handler.params[0])]["damping"]
+                damping = self.damping_of(groups[id(block.handler.params[0])])
                 block.refresh(damping, self.inverse_method, self.inverse_dtype)
 
     def _precondition(
@@ -285,14 +292,14 @@ class KFAC(CurvatureOptimizer):
     ) -> dict[Tensor, Tensor] | None:
         step = self.global_state["step"]
         groups = self._group_of()
-        records = self._capture.take()
-        if records and not self._gather_statistics(records, grads):
+        records = self._records = self._capture.take()
+        if any(r.calls for r in records) and not self._gather_statistics(records, grads):
             return None
         if step % self.inv_every == 0 or not all(
             b.refreshed for b in self.blocks.values() if b.ready
         ):
             self._refresh(groups)
-        if records:
+        if any(r.calls for r in records):
             self._extra_statistics(records)
         directions: dict[Tensor, Tensor] = {}
         quadratics: list[Tensor] = []  # lr² vᵀFv per block, for KL clipping
@@ -301,14 +308,15 @@ class KFAC(CurvatureOptimizer):
             if not block.refreshed or not all(p in grads for p in params):
                 continue
             group = groups[id(params[0])]
-            direction = block.precondition(block.handler.gather(grads), group["damping"])
+            damping = self.damping_of(group)
+            direction = block.precondition(block.handler.gather(grads), damping)
             if self.kl_clip is not None:
                 quadratics.append(group["lr"] ** 2 * block.quadratic(direction))
             directions.update(block.handler.scatter(direction))
         for p in self.fallback:
             if p in grads and "fisher_diag" in self.state[p]:
                 group = groups[id(p)]
-                direction = grads[p] / (self.state[p]["fisher_diag"] + group["damping"])
+                direction = grads[p] / (self.state[p]["fisher_diag"] + self.damping_of(group))
                 directions[p] = direction
                 if self.kl_clip is not None:
                     value = (self.state[p]["fisher_diag"] * direction.square()).sum()

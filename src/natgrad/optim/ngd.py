@@ -12,7 +12,7 @@ from natgrad.curvature.dense import fisher_rows
 from natgrad.curvature.model import FisherKind, FunctionalModel, check_kind, flatten, unflatten
 from natgrad.layers.capture import LayerCapture, batch_inputs
 from natgrad.likelihoods import Likelihood, get_likelihood
-from natgrad.optim.base import CurvatureOptimizer, check_choice, check_positive
+from natgrad.optim.base import CurvatureOptimizer, check_choice
 
 __all__ = ["NaturalGradient", "damped_solve"]
 
@@ -78,9 +78,10 @@ class NaturalGradient(CurvatureOptimizer):
         model: the module being trained; its forward must take Tensor arguments batched
             along dimension 0, and its samples must not interact.
         params: parameters or param groups (default: all trainable parameters of ``model``).
-        lr: learning rate, > 0.
-        damping: Tikhonov damping added to F, > 0.
-        momentum: heavy-ball momentum in [0, 1).
+        lr: learning rate, > 0, or ``"auto"`` (chosen on the quadratic model each step;
+            a number in ``param_groups`` then multiplies it, for LR schedulers).
+        damping: Tikhonov damping added to F, > 0, or ``"auto"`` (Levenberg–Marquardt).
+        momentum: heavy-ball momentum in [0, 1), or ``"auto"`` (quadratic model).
         weight_decay: L2 penalty (added to the gradient, so it is preconditioned too).
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
         kind: ``"true"`` (exact expectation), ``"mc"`` (sampled labels) or ``"empirical"``
@@ -89,6 +90,10 @@ class NaturalGradient(CurvatureOptimizer):
         solver: ``"auto"``, ``"cholesky"`` or ``"woodbury"``.
         output_fn: maps the model's output to the likelihood's parameters.
         seed: seeds the label sampling of ``kind="mc"`` (its RNG state is in ``state_dict``).
+        lm_every: steps between Levenberg–Marquardt adjustments (``damping="auto"``).
+        initial_damping, min_damping: start and floor of ``damping="auto"``. The exact
+            batch Fisher has rank ≤ N·C: with less damping than ~0.1 the step fits the
+            batch (ρ ≈ 1 on it) and fails on the next one, so both are higher than K-FAC's.
 
     Example:
         >>> opt = natgrad.NaturalGradient(model, lr=0.5, damping=1e-3, likelihood="categorical")
@@ -104,9 +109,9 @@ class NaturalGradient(CurvatureOptimizer):
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         *,
-        lr: float = 1.0,
-        damping: float = 1e-1,
-        momentum: float = 0.0,
+        lr: float | str = 1.0,
+        damping: float | str = 1e-1,
+        momentum: float | str = 0.0,
         weight_decay: float = 0.0,
         likelihood: str | Likelihood = "categorical",
         kind: str = "true",
@@ -114,9 +119,11 @@ class NaturalGradient(CurvatureOptimizer):
         solver: str = "auto",
         output_fn: Callable[[Any], Tensor] | None = None,
         seed: int = 0,
+        lm_every: int = 1,
+        initial_damping: float = 1.0,
+        min_damping: float = 0.1,
     ) -> None:
-        check_positive("damping", damping)
-        self.likelihood = get_likelihood(likelihood)
+        likelihood = get_likelihood(likelihood)
         if kind == FisherKind.EMPIRICAL.value:
             raise ValueError(
                 "kind='empirical' needs the targets, which an optimizer does not see; use "
@@ -126,15 +133,13 @@ class NaturalGradient(CurvatureOptimizer):
         self.mc_samples = mc_samples
         self.solver = check_choice("solver", solver, SOLVERS)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults)
-        self.output_fn = output_fn
+        super().__init__(
+            model, params, defaults, likelihood, output_fn, lm_every, min_damping,
+            initial_damping,
+        )
         self._capture = LayerCapture(model, {}, output_fn)
         self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
         self._generator.manual_seed(seed)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        check_positive("damping", self.param_groups[-1]["damping"])
 
     def state_dict(self) -> dict[str, Any]:
         self.global_state["rng_state"] = self._generator.get_state()
@@ -149,7 +154,7 @@ class NaturalGradient(CurvatureOptimizer):
     def _precondition(
         self, grads: dict[Tensor, Tensor], loss: Tensor | None
     ) -> dict[Tensor, Tensor] | None:
-        records = self._capture.take()
+        records = self._records = self._capture.take()
         if not records:
             raise RuntimeError(
                 "NaturalGradient.step() needs the Fisher of the current batch, but no forward of "
@@ -157,10 +162,9 @@ class NaturalGradient(CurvatureOptimizer):
             )
         params = list(grads)
         groups = self._group_of()
-        damping = torch.cat(
-            [torch.full((p.numel(),), groups[id(p)]["damping"], dtype=p.dtype, device=p.device)
-             for p in params]
-        )
+        damping = torch.cat([
+            p.new_full((p.numel(),), self.damping_of(groups[id(p)])) for p in params
+        ])
         grad = flatten([grads[p] for p in params])
         inputs = batch_inputs(records)
         fmodel = FunctionalModel(self.model, self.output_fn, params)

@@ -1,0 +1,226 @@
+"""The benchmark's optimizers: one registry of name → factory, grid, defaults.
+
+Adding an optimizer is one :class:`OptimizerSpec` entry in :data:`OPTIMIZERS`. Its
+hyper-parameters for a problem come from the tuned-values file (``tuned.json`` beside this
+module, written by ``natgrad bench --tune``) and fall back to the entry's ``defaults``
+(an empty dict means the optimizer's own defaults) until it has been tuned.
+
+Grids (each value tried with the same step budget, see ``natgrad bench --tune``):
+
+* ``sgd``: lr ∈ {1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3}, momentum 0.9 (heavy ball).
+* ``adam``: lr ∈ {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}.
+* ``adadelta``: lr ∈ {0.1, 0.3, 1, 3, 10}.
+* ``ngd``: lr ∈ {0.1, 0.3, 1} × damping ∈ {1e-3, 1e-2, 0.1} × momentum ∈ {0, 0.9}.
+* ``kfac``, ``ekfac``, ``ngdcg``: lr ∈ {0.1, 0.3, 1} × damping ∈ {1e-3, 1e-2, 0.1}.
+
+Exact natural gradient (``ngd``) forms the Fisher's rows, an (N·R)×P matrix for a batch of N
+examples with R outputs each and P parameters, and solves with it (O((N·R)²·P) work). It
+runs only where N·R·P ≤ :data:`NGD_MAX_JACOBIAN` (2·10⁶), at the problem's own batch size:
+that admits ``regression`` (64·1·4,929 ≈ 3·10⁵, ~11 ms a step) and excludes the digits
+problems (``digits-cnn``: 128·10·9,930 ≈ 1.3·10⁷, ``digits-mlp``: 256·10·26,122 ≈ 6.7·10⁷,
+which would take seconds a step).
+
+The natgrad entries are looked up on the ``natgrad`` package when they are built, so an
+entry whose class natgrad does not export yet is reported as unavailable, not an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "NGD_MAX_JACOBIAN",
+    "OPTIMIZERS",
+    "REFERENCE",
+    "OptimizerSpec",
+    "available_optimizers",
+    "load_tuned",
+    "save_tuned",
+]
+
+Hyper = dict[str, float]
+Factory = Callable[[nn.Module, str, Hyper], Optimizer]
+
+REFERENCE = "adam"  # defines each problem's target loss; always run
+NGD_MAX_JACOBIAN = 2e6
+TUNED_FILE = "tuned.json"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of the benchmark.
+
+    Attributes:
+        name: registry key used by ``--optimizers``.
+        description: one line for ``--help``.
+        build: (model, likelihood name, hyper-parameters) → optimizer.
+        grid: hyper-parameter name → values tried by ``--tune`` (the Cartesian product).
+        defaults: hyper-parameters used where no tuned value exists.
+        natgrad_name: the class on the ``natgrad`` package this entry needs, if any.
+        max_jacobian: largest batch·outputs·parameters the optimizer is run on (None: all).
+    """
+
+    name: str
+    description: str
+    build: Factory
+    grid: Mapping[str, tuple[float, ...]]
+    defaults: Hyper = field(default_factory=dict)
+    natgrad_name: str | None = None
+    max_jacobian: float | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether this install of natgrad provides the optimizer."""
+        if self.natgrad_name is None:
+            return True
+        import natgrad
+
+        return hasattr(natgrad, self.natgrad_name)
+
+    def configs(self) -> list[Hyper]:
+        """Every point of the grid, in a fixed order."""
+        names = list(self.grid)
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(
+            *(self.grid[name] for name in names)
+        )]
+
+    def skip_reason(self, num_params: int, batch_size: int, outputs: int) -> str | None:
+        """Why the optimizer is not run on a problem of this size, or None if it is."""
+        size = num_params * batch_size * outputs
+        if self.max_jacobian is not None and size > self.max_jacobian:
+            return (
+                f"batch*outputs*params = {batch_size}*{outputs}*{num_params} = {size:.2g} "
+                f"exceeds {self.max_jacobian:.2g}"
+            )
+        return None
+
+    def hparams(self, problem: str, tuned: Mapping[str, Any]) -> Hyper:
+        """The tuned hyper-parameters for ``problem``, else :attr:`defaults`."""
+        values = tuned.get("values", {}).get(problem, {}).get(self.name)
+        return dict(values) if values is not None else dict(self.defaults)
+
+
+def _torch(cls: type[Optimizer]) -> Factory:
+    def build(model: nn.Module, likelihood: str, hparams: Hyper) -> Optimizer:
+        return cls(model.parameters(), **hparams)
+
+    return build
+
+
+def _natgrad(class_name: str) -> Factory:
+    def build(model: nn.Module, likelihood: str, hparams: Hyper) -> Optimizer:
+        import natgrad
+
+        return getattr(natgrad, class_name)(model, likelihood=likelihood, **hparams)
+
+    return build
+
+
+_CURVATURE_GRID = {"lr": (0.1, 0.3, 1.0), "damping": (1e-3, 1e-2, 1e-1)}
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec(
+            name="sgd",
+            description="torch.optim.SGD with heavy-ball momentum 0.9",
+            build=_torch(torch.optim.SGD),
+            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3), "momentum": (0.9,)},
+            defaults={"lr": 0.01, "momentum": 0.9},
+        ),
+        OptimizerSpec(
+            name="adam",
+            description="torch.optim.Adam (its target loss defines every problem's target)",
+            build=_torch(torch.optim.Adam),
+            grid={"lr": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)},
+            defaults={"lr": 1e-3},
+        ),
+        OptimizerSpec(
+            name="adadelta",
+            description="torch.optim.Adadelta",
+            build=_torch(torch.optim.Adadelta),
+            grid={"lr": (0.1, 0.3, 1.0, 3.0, 10.0)},
+            defaults={"lr": 1.0},
+        ),
+        OptimizerSpec(
+            name="ngd",
+            description="natgrad.NaturalGradient: exact Fisher (small models only)",
+            build=_natgrad("NaturalGradient"),
+            grid={"lr": (0.1, 0.3, 1.0), "damping": (1e-3, 1e-2, 1e-1), "momentum": (0.0, 0.9)},
+            defaults={"lr": 0.3, "damping": 1e-2, "momentum": 0.0},
+            natgrad_name="NaturalGradient",
+            max_jacobian=NGD_MAX_JACOBIAN,
+        ),
+        OptimizerSpec(
+            name="kfac",
+            description="natgrad.KFAC: Kronecker-factored natural gradient",
+            build=_natgrad("KFAC"),
+            grid=_CURVATURE_GRID,
+            natgrad_name="KFAC",
+        ),
+        OptimizerSpec(
+            name="ekfac",
+            description="natgrad.EKFAC: K-FAC in the Kronecker eigenbasis, rescaled",
+            build=_natgrad("EKFAC"),
+            grid=_CURVATURE_GRID,
+            natgrad_name="EKFAC",
+        ),
+        OptimizerSpec(
+            name="ngdcg",
+            description="natgrad.NGDCG: matrix-free natural gradient by conjugate gradient",
+            build=_natgrad("NGDCG"),
+            grid=_CURVATURE_GRID,
+            natgrad_name="NGDCG",
+        ),
+    )
+}
+
+
+def available_optimizers() -> list[str]:
+    """Names of the registry's optimizers that this install provides, in registry order."""
+    return [name for name, spec in OPTIMIZERS.items() if spec.available]
+
+
+def load_tuned(path: str | Path | None = None) -> dict[str, Any]:
+    """The tuned-values file: ``{"values": {problem: {optimizer: {name: value}}}, ...}``.
+
+    Args:
+        path: a file written by ``natgrad bench --tune``; None reads the one shipped with
+            natgrad (``natgrad/bench/tuned.json``), or nothing if it is missing.
+
+    Raises:
+        ValueError: if the file cannot be read or is not such a JSON object.
+    """
+    try:
+        if path is None:
+            resource = resources.files("natgrad.bench").joinpath(TUNED_FILE)
+            if not resource.is_file():
+                return {"values": {}}
+            text = resource.read_text(encoding="utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        tuned = json.loads(text)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read tuned values from {path}: {err}") from err
+    if not isinstance(tuned, dict) or not isinstance(tuned.get("values", {}), dict):
+        raise ValueError(f"tuned values in {path} must be a JSON object with a 'values' object")
+    tuned.setdefault("values", {})
+    return tuned
+
+
+def save_tuned(tuned: Mapping[str, Any], path: str | Path) -> Path:
+    """Write tuned values as indented JSON (the format :func:`load_tuned` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tuned, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,217 @@
+"""Damping and step-size control shared by all optimizers (Martens & Grosse 2015, §6–7).
+
+Given the preconditioned direction Δ (descent d = −Δ) and the previous update δ₀, the update
+is δ = a·d + m·δ₀. The quadratic model of the batch-mean negative log-likelihood J,
+
+    M(δ) = ∇Jᵀδ + ½ δᵀ (F + (λ + η) I) δ,
+
+with F the exact Fisher of the current batch (via two Jacobian-vector products, never
+formed), λ the damping and η the L2 weight decay, is minimised over the free coefficients:
+a (``lr="auto"``) and m (``momentum="auto"``), a 2×2 linear system. Levenberg–Marquardt
+adapts λ every ``lm_every`` steps from the reduction ratio ρ = (J(θ+δ) − J(θ)) / M(δ):
+λ ← ω λ if ρ > 3/4, λ ← λ / ω if ρ < 1/4, clamped to [``min_damping``, ``max_damping``].
+
+J(θ+δ) needs the batch's targets, which the optimizer never sees: they are recovered
+exactly from the loss's gradient with respect to the model's output (see
+:meth:`natgrad.likelihoods.Likelihood.targets_from_grad`), assuming the loss is the
+batch-mean negative log-likelihood of the optimizer's likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from natgrad.curvature.model import FunctionalModel
+from natgrad.layers.capture import ForwardRecord, batch_inputs
+from natgrad.likelihoods import Likelihood
+
+__all__ = [
+    "AutoSettings",
+    "QuadraticControl",
+    "lm_update",
+    "quadratic_value",
+    "solve_coefficients",
+]
+
+
+def solve_coefficients(
+    curvature: Tensor, linear: Tensor, free: tuple[bool, bool], fixed: tuple[float, float]
+) -> tuple[float, float, float]:
+    """Minimise q(c) = linearᵀc + ½ cᵀ curvature c over the free entries of c = (a, m).
+
+    Args:
+        curvature: the 2×2 matrix [[dᵀCd, dᵀCδ₀], [δ₀ᵀCd, δ₀ᵀCδ₀]].
+        linear: [∇ᵀd, ∇ᵀδ₀].
+        free: which of (a, m) are chosen; the others take their ``fixed`` value.
+        fixed: values of (a, m) that are not free.
+
+    Returns:
+        (a, m, q(a, m)). Safeguards: the joint solution is taken only if the 2×2 system is
+        clearly positive definite, it beats a alone, a > 0 and |m| < 1; otherwise m = 0 and
+        a is fitted alone. A non-positive curvature along d keeps a at its fixed value.
+    """
+    c = curvature.double().cpu()
+    g = linear.double().cpu()
+    a, m = fixed
+    if free[0] and free[1]:
+        a_alone = -float(g[0]) / float(c[0, 0]) if float(c[0, 0]) > 0 else a
+        a, m = a_alone, 0.0
+        det = float(c[0, 0] * c[1, 1] - c[0, 1] * c[1, 0])
+        # d and δ₀ must not be (numerically) parallel in the C-metric: the inputs carry the
+        # model's precision, so demand a clearly positive determinant
+        if float(c[1, 1]) > 0 and det > 1e-4 * float(c[0, 0] * c[1, 1]):
+            sol = torch.linalg.solve(c, -g)
+            joint = (float(sol[0]), float(sol[1]))
+            better = quadratic_value(c, g, *joint) <= quadratic_value(c, g, a_alone, 0.0)
+            if better and abs(joint[1]) < 1.0 and joint[0] > 0:
+                a, m = joint
+    elif free[0]:
+        if float(c[0, 0]) > 0:
+            a = -(float(g[0]) + m * float(c[0, 1])) / float(c[0, 0])
+    elif free[1]:
+        m = -(float(g[1]) + a * float(c[0, 1])) / float(c[1, 1]) if float(c[1, 1]) > 0 else 0.0
+        m = min(max(m, -1.0), 1.0)
+    return a, m, quadratic_value(curvature, linear, a, m)
+
+
+def quadratic_value(curvature: Tensor, linear: Tensor, a: float, m: float) -> float:
+    """q(a, m) = linearᵀc + ½ cᵀ curvature c for c = (a, m)."""
+    coef = torch.tensor([a, m], dtype=torch.float64)
+    return float(linear.double().cpu() @ coef + 0.5 * coef @ curvature.double().cpu() @ coef)
+
+
+def lm_update(
+    damping: float, rho: float, omega: float, min_damping: float, max_damping: float
+) -> float:
+    """One Levenberg–Marquardt adjustment of λ from the reduction ratio ρ."""
+    if not math.isfinite(rho) or rho < 0.25:
+        damping = damping / omega
+    elif rho > 0.75:
+        damping = damping * omega
+    return min(max(damping, min_damping), max_damping)
+
+
+@dataclass
+class AutoSettings:
+    """Which quantities are automatic, and the Levenberg–Marquardt constants."""
+
+    lr: bool = False
+    momentum: bool = False
+    damping: bool = False
+    lm_every: int = 5
+    lm_decay: float = 0.95  # ω = lm_decay ** lm_every
+    min_damping: float = 1e-5
+    max_damping: float = 1e3
+
+    @property
+    def enabled(self) -> bool:
+        return self.lr or self.momentum or self.damping
+
+    @property
+    def omega(self) -> float:
+        return self.lm_decay**self.lm_every
+
+
+class QuadraticControl:
+    """Chooses (a, m) on the quadratic model and adapts the damping (see module doc)."""
+
+    def __init__(self, settings: AutoSettings, likelihood: Likelihood) -> None:
+        self.settings = settings
+        self.likelihood = likelihood
+
+    def _model_outputs_and_jvps(
+        self, fmodel: FunctionalModel, inputs: tuple[Tensor, ...], tangents: list[list[Tensor]]
+    ) -> tuple[Tensor, list[Tensor]]:
+        params = fmodel.detached_params()
+
+        def f(*ps: Tensor) -> Tensor:
+            return fmodel.outputs(ps, inputs, frozen_buffers=True)
+
+        outputs, products = None, []
+        for tangent in tangents:  # direction -> J·direction
+            outputs, product = torch.func.jvp(f, params, tuple(tangent))
+            products.append(product)
+        return outputs, products
+
+    def updates(
+        self,
+        fmodel: FunctionalModel,
+        records: list[ForwardRecord],
+        grads: list[Tensor],
+        descent: list[Tensor],
+        previous: list[Tensor] | None,
+        damping: float,
+        weight_decay: float,
+        fixed: tuple[float, float],
+        scale: float = 1.0,
+    ) -> tuple[list[Tensor], dict[str, Any]] | None:
+        """The update δ = s·(a·d + m·δ₀) per parameter and the step's diagnostics.
+
+        ``grads``, ``descent`` (d) and ``previous`` (δ₀, None on the first step) follow
+        ``fmodel.params``; ``scale`` s multiplies the chosen coefficients (the group's lr
+        when ``lr="auto"``, so that LR schedulers still act). Returns None if a non-finite
+        quantity appears.
+        """
+        inputs = batch_inputs(records)
+        use_momentum = previous is not None and (self.settings.momentum or fixed[1] != 0.0)
+        tangents = [descent] + ([previous] if use_momentum else [])
+        outputs, products = self._model_outputs_and_jvps(fmodel, inputs, tangents)
+        n = outputs.shape[0]
+
+        def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space
+            return (u * self.likelihood.fisher_matvec(outputs, w)).sum() / n
+
+        def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+            return sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
+
+        shift = damping + weight_decay
+        ju = products[0]
+        curvature = torch.zeros(2, 2, dtype=torch.float64)
+        linear = torch.zeros(2, dtype=torch.float64)
+        curvature[0, 0] = fisher_dot(ju, ju) + shift * dot(descent, descent)
+        linear[0] = dot(grads, descent)
+        if use_momentum:
+            jw = products[1]
+            cross = fisher_dot(ju, jw) + shift * dot(descent, previous)
+            curvature[0, 1] = curvature[1, 0] = cross
+            curvature[1, 1] = fisher_dot(jw, jw) + shift * dot(previous, previous)
+            linear[1] = dot(grads, previous)
+        if not bool(torch.isfinite(curvature).all() and torch.isfinite(linear).all()):
+            return None
+        free = (self.settings.lr, self.settings.momentum and use_momentum)
+        a, m, _ = solve_coefficients(
+            curvature, linear, free, (fixed[0], fixed[1] if use_momentum else 0.0)
+        )
+        a, m = a * scale, m * scale
+        if not (math.isfinite(a) and math.isfinite(m)):
+            return None
+        update = [a * d for d in descent]
+        if use_momentum and m != 0.0:
+            update = [u + m * p for u, p in zip(update, previous, strict=True)]
+        predicted = quadratic_value(curvature, linear, a, m)
+        info = {"alpha": a, "mu": m, "predicted_change": predicted}
+        return update, info
+
+    def reduction_ratio(
+        self, fmodel: FunctionalModel, records: list[ForwardRecord], predicted: float
+    ) -> float:
+        """ρ = (J(θ+δ) − J(θ)) / M(δ) on the step's batch, with θ+δ the current parameters."""
+        if predicted >= 0:
+            return -math.inf  # the model predicts no decrease: treat as a failed step
+        targets, before = [], []
+        for record in records:
+            y = self.likelihood.targets_from_grad(record.output, record.output_grad)
+            targets.append(y)
+            before.append(self.likelihood.cross_entropy(record.output, y))
+        with torch.no_grad():
+            outputs = fmodel.outputs(
+                fmodel.detached_params(), batch_inputs(records), frozen_buffers=True
+            )
+        after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
+        change = float(after.mean() - torch.cat(before).mean())
+        return change / predicted
