@@ -22,7 +22,12 @@ from natgrad.curvature.model import (
 )
 from natgrad.likelihoods import Likelihood, get_likelihood
 
-__all__ = ["fisher_vector_product", "output_operator"]
+__all__ = [
+    "conjugate_gradient",
+    "fisher_operator",
+    "fisher_vector_product",
+    "output_operator",
+]
 
 
 def output_operator(
@@ -100,12 +105,87 @@ def fisher_vector_product(
         raise TypeError(
             f"v must have the parameters' dtype {fmodel.params[0].dtype}, got {v.dtype}"
         )
+    operator = fisher_operator(fmodel, inputs, likelihood, kind, targets, mc_samples, generator)
+    return operator(v)
+
+
+def fisher_operator(
+    fmodel: FunctionalModel,
+    inputs: tuple[Tensor, ...],
+    likelihood: Likelihood,
+    kind: FisherKind = FisherKind.TRUE,
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    frozen_buffers: bool = False,
+) -> Callable[[Tensor], Tensor]:
+    """v ↦ F v on one batch, for repeated products (CG): the reverse pass is built once.
+
+    ``v`` is flat, ``[P]`` over ``fmodel.params``. Each product costs one forward-mode pass.
+    """
     params = fmodel.detached_params()
 
     def f(*ps: Tensor) -> Tensor:
-        return fmodel.outputs(ps, inputs)
+        return fmodel.outputs(ps, inputs, frozen_buffers=frozen_buffers)
 
-    outputs, jv = torch.func.jvp(f, params, tuple(fmodel.unflatten(v)))  # v -> J v
+    outputs, vjp_fn = torch.func.vjp(f, *params)
     apply = output_operator(likelihood, outputs, kind, targets, mc_samples, generator)
-    _, vjp_fn = torch.func.vjp(f, *params)
-    return flatten(vjp_fn(apply(jv) / outputs.shape[0]))  # -> Jᵀ Λ̃ J v / N
+    n = outputs.shape[0]
+
+    def product(v: Tensor) -> Tensor:
+        _, jv = torch.func.jvp(f, params, tuple(fmodel.unflatten(v)))  # v -> J v
+        return flatten(vjp_fn(apply(jv) / n))  # -> Jᵀ Λ̃ J v / N
+
+    return product
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    initial: Tensor | None = None,
+    max_iters: int = 50,
+    tol: float = 1e-6,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, int, float]:
+    """Solve A x = b for symmetric positive-definite A by (preconditioned) conjugate gradient.
+
+    Args:
+        matvec: x ↦ A x on flat vectors ``[P]``.
+        rhs: b, ``[P]``.
+        initial: warm start x₀ (default 0).
+        max_iters: iteration cap (truncated CG).
+        tol: stop when ‖b − A x‖ ≤ tol · ‖b‖.
+        preconditioner: r ↦ M⁻¹ r for an SPD approximation M of A.
+
+    Returns:
+        (x, iterations, relative residual).
+
+    References:
+        Hestenes & Stiefel, Methods of conjugate gradients for solving linear systems, 1952.
+        Martens, Deep learning via Hessian-free optimization, 2010.
+    """
+    x = torch.zeros_like(rhs) if initial is None else initial.clone()
+    residual = rhs - matvec(x) if initial is not None else rhs.clone()
+    norm_b = float(rhs.norm())
+    if norm_b == 0.0:
+        return torch.zeros_like(rhs), 0, 0.0
+    z = residual if preconditioner is None else preconditioner(residual)
+    direction = z.clone()
+    rz = torch.dot(residual, z)
+    iters = 0
+    for iters in range(1, max_iters + 1):  # noqa: B007 - iters is reported
+        if float(residual.norm()) <= tol * norm_b:
+            iters -= 1
+            break
+        a_dir = matvec(direction)
+        curvature = torch.dot(direction, a_dir)
+        if not float(curvature) > 0:  # lost positive definiteness (round-off): stop here
+            break
+        step = rz / curvature
+        x.add_(direction, alpha=float(step))
+        residual.sub_(a_dir, alpha=float(step))
+        z = residual if preconditioner is None else preconditioner(residual)
+        rz_new = torch.dot(residual, z)
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    return x, iters, float(residual.norm()) / norm_b

@@ -108,6 +108,7 @@ class ForwardRecord:
     batch_size: int
     output: Tensor | None = None  # detached, set when the backward reaches it
     output_grad: Tensor | None = None  # ∂loss/∂output
+    stats: bool = False  # recorded on a statistics step (layer calls were captured)
     used: bool = False
     sampled_param_grads: list[list[Tensor]] = field(default_factory=list)
 
@@ -123,7 +124,7 @@ class LayerCapture:
         handlers: module name -> handler, the layers to watch.
         output_fn: maps the model's output to the likelihood's parameters.
         on_backward: called as ``on_backward(record, output)`` when the backward of a
-            forward with layer calls reaches the model's output (graph still alive).
+            forward recorded while active reaches the model's output (graph still alive).
         grad_hooks: also record the gradient arriving at each layer output (the loss's own
             δ, for the empirical Fisher).
     """
@@ -174,7 +175,7 @@ class LayerCapture:
         if not out.requires_grad:
             return
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        record = ForwardRecord(inputs, calls, out.shape[0])
+        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.active)
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
         out.register_hook(lambda grad: self._reached(record, out, grad))
@@ -184,7 +185,7 @@ class LayerCapture:
             return
         record.used = True
         record.output, record.output_grad = out.detach(), grad.detach()
-        if self._on_backward is None or not record.calls:
+        if self._on_backward is None or not record.stats:
             return
         self._in_backward = True
         try:

@@ -209,7 +209,7 @@ class KFAC(CurvatureOptimizer):
     def _on_backward(self, record: ForwardRecord, output: Tensor) -> None:
         """Inside the loss's backward: backpropagate labels drawn from the model."""
         calls = [call for calls in record.calls.values() for call in calls]
-        if self.kind is FisherKind.TRUE:
+        if self.kind is FisherKind.TRUE and (calls or self.fallback):
             targets = [c.output for c in calls] + self.fallback
             detached = output.detach()
             for _ in range(self.mc_samples):
@@ -287,48 +287,65 @@ class KFAC(CurvatureOptimizer):
                 damping = self.damping_of(groups[id(block.handler.params[0])])
                 block.refresh(damping, self.inverse_method, self.inverse_dtype)
 
-    def _precondition(
-        self, grads: dict[Tensor, Tensor], loss: Tensor | None
-    ) -> dict[Tensor, Tensor] | None:
-        step = self.global_state["step"]
-        groups = self._group_of()
+    def _update_curvature(self, grads: dict[Tensor, Tensor]) -> bool:
+        """Statistics (on statistics steps) and refreshes (every ``inv_every`` steps).
+
+        Takes this step's forward records. False if a statistic is not finite.
+        """
         records = self._records = self._capture.take()
-        if any(r.calls for r in records) and not self._gather_statistics(records, grads):
-            return None
-        if step % self.inv_every == 0 or not all(
-            b.refreshed for b in self.blocks.values() if b.ready
-        ):
-            self._refresh(groups)
-        if any(r.calls for r in records):
+        has_stats = any(r.stats for r in records)
+        if has_stats and not self._gather_statistics(records, grads):
+            return False
+        due = self.global_state["step"] % self.inv_every == 0
+        if due or not all(b.refreshed for b in self.blocks.values() if b.ready):
+            self._refresh(self._group_of())
+        if has_stats:
             self._extra_statistics(records)
+        return True
+
+    def _kfac_directions(
+        self, grads: dict[Tensor, Tensor], quadratics: list[Tensor] | None = None
+    ) -> dict[Tensor, Tensor]:
+        """Δ per parameter: Kronecker blocks, dense blocks, the diagonal fallback; the plain
+        gradient where there is no curvature yet or the module is excluded. Appends
+        lr² ΔᵀFΔ per block to ``quadratics`` when given (KL clipping)."""
+        groups = self._group_of()
         directions: dict[Tensor, Tensor] = {}
-        quadratics: list[Tensor] = []  # lr² vᵀFv per block, for KL clipping
         for block in self.blocks.values():
             params = block.handler.params
             if not block.refreshed or not all(p in grads for p in params):
                 continue
             group = groups[id(params[0])]
-            damping = self.damping_of(group)
-            direction = block.precondition(block.handler.gather(grads), damping)
-            if self.kl_clip is not None:
+            direction = block.precondition(block.handler.gather(grads), self.damping_of(group))
+            if quadratics is not None:
                 quadratics.append(group["lr"] ** 2 * block.quadratic(direction))
             directions.update(block.handler.scatter(direction))
         for p in self.fallback:
             if p in grads and "fisher_diag" in self.state[p]:
                 group = groups[id(p)]
-                direction = grads[p] / (self.state[p]["fisher_diag"] + self.damping_of(group))
+                diag = self.state[p]["fisher_diag"]
+                direction = grads[p] / (diag + self.damping_of(group))
                 directions[p] = direction
-                if self.kl_clip is not None:
-                    value = (self.state[p]["fisher_diag"] * direction.square()).sum()
-                    quadratics.append(group["lr"] ** 2 * value)
+                if quadratics is not None:
+                    quadratics.append(group["lr"] ** 2 * (diag * direction.square()).sum())
         for p, g in grads.items():
             directions.setdefault(p, g)  # excluded parameters, or no statistics yet
-        quadratic = float(sum(q.double() for q in quadratics)) if quadratics else 0.0
-        if self.kl_clip is not None and quadratic > 0:
-            scale = min(1.0, math.sqrt(self.kl_clip / quadratic))
-            if scale < 1.0:
-                directions = {p: d * scale for p, d in directions.items()}
         return {p: d for p, d in directions.items() if p in grads}
+
+    def _precondition(
+        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+    ) -> dict[Tensor, Tensor] | None:
+        if not self._update_curvature(grads):
+            return None
+        quadratics: list[Tensor] | None = [] if self.kl_clip is not None else None
+        directions = self._kfac_directions(grads, quadratics)
+        if quadratics:
+            quadratic = float(sum(q.double() for q in quadratics))
+            if quadratic > 0 and self.kl_clip / quadratic < 1.0:
+                # KL clipping: lr² ΔᵀFΔ ≤ kl_clip
+                scale = math.sqrt(self.kl_clip / quadratic)
+                directions = {p: d * scale for p, d in directions.items()}
+        return directions
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
