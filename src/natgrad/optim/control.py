@@ -124,20 +124,6 @@ class QuadraticControl:
         self.settings = settings
         self.likelihood = likelihood
 
-    def _model_outputs_and_jvps(
-        self, fmodel: FunctionalModel, inputs: tuple[Tensor, ...], tangents: list[list[Tensor]]
-    ) -> tuple[Tensor, list[Tensor]]:
-        params = fmodel.detached_params()
-
-        def f(*ps: Tensor) -> Tensor:
-            return fmodel.outputs(ps, inputs, frozen_buffers=True)
-
-        outputs, products = None, []
-        for tangent in tangents:  # direction -> J·direction
-            outputs, product = torch.func.jvp(f, params, tuple(tangent))
-            products.append(product)
-        return outputs, products
-
     def updates(
         self,
         fmodel: FunctionalModel,
@@ -160,7 +146,7 @@ class QuadraticControl:
         inputs = batch_inputs(records)
         use_momentum = previous is not None and (self.settings.momentum or fixed[1] != 0.0)
         tangents = [descent] + ([previous] if use_momentum else [])
-        outputs, products = self._model_outputs_and_jvps(fmodel, inputs, tangents)
+        outputs, products = fmodel.jvp(inputs, tangents)
         n = outputs.shape[0]
 
         def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space
@@ -208,10 +194,7 @@ class QuadraticControl:
             y = self.likelihood.targets_from_grad(record.output, record.output_grad)
             targets.append(y)
             before.append(self.likelihood.cross_entropy(record.output, y))
-        with torch.no_grad():
-            outputs = fmodel.outputs(
-                fmodel.detached_params(), batch_inputs(records), frozen_buffers=True
-            )
+        outputs = fmodel.frozen_forward(batch_inputs(records))
         after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
         change = float(after.mean() - torch.cat(before).mean())
         return change / predicted
