@@ -50,7 +50,11 @@ class KFAC(CurvatureOptimizer):
     diagonal Fisher estimated from the same sampled-label gradients, and a one-time warning
     names their modules. Parameters of ``exclude``-d modules get the plain gradient.
 
-    The update is θ ← θ − lr (μ buf + ν Δ) with momentum μ and KL clipping
+    By default (``lr="auto"``, ``momentum="auto"``, ``damping="auto"``) the update
+    δ = a·(−Δ) + m·δ_prev takes (a, m) minimising the quadratic model of the loss with the
+    exact Fisher of the batch, and λ follows Levenberg–Marquardt (Martens & Grosse 2015,
+    §6–7; :mod:`natgrad.optim.control`): no hyper-parameter needs tuning. With a fixed lr the
+    update is θ ← θ − lr (μ buf + ν Δ) with momentum μ and KL clipping
     ν = min(1, √(kl_clip / (lr² Δᵀ F Δ))) (Ba et al. 2017, with K-FAC's F).
 
     Args:
@@ -83,7 +87,7 @@ class KFAC(CurvatureOptimizer):
             ``damping="auto"``: steps between adjustments, floor, starting value.
 
     Example:
-        >>> opt = natgrad.KFAC(model, lr=0.1, damping=1e-3, likelihood="categorical")
+        >>> opt = natgrad.KFAC(model, likelihood="categorical")  # automatic lr, momentum, damping
         >>> opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 
     References:
@@ -100,15 +104,15 @@ class KFAC(CurvatureOptimizer):
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         *,
-        lr: float | str = 0.1,
-        damping: float | str = 1e-3,
-        momentum: float | str = 0.9,
+        lr: float | str = "auto",
+        damping: float | str = "auto",
+        momentum: float | str = "auto",
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         likelihood: str | Likelihood = "categorical",
         kind: str = "true",
         mc_samples: int = 1,
-        stat_every: int = 1,
+        stat_every: int = 5,
         inv_every: int = 10,
         stat_decay: float = 0.95,
         kl_clip: float | None = 1e-3,
