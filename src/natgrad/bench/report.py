@@ -26,6 +26,7 @@ __all__ = [
 RESULTS_FILE = "results.json"
 COLUMNS = (
     "optimizer",
+    "steps",
     "final train loss",
     "{metric}",
     "median step ms",
@@ -55,10 +56,10 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 def format_table(results: Mapping[str, Any]) -> str:
     """One Markdown table per problem: rows are optimizers, columns the measured quantities.
 
-    Columns: final full-training-set loss, the test metric (accuracy or test loss), median
-    step time in milliseconds, steps and optimizer-step seconds until the training loss
-    first reaches the target, and those seconds divided by Adam's ("-" where a value does
-    not exist, e.g. a run that never reaches the target).
+    Columns: steps run, final full-training-set loss, the test metric (accuracy or test
+    loss), median step time in milliseconds, steps and optimizer-step seconds until the
+    training loss first reaches the target, and those seconds divided by Adam's ("-" where
+    a value does not exist, e.g. a run that never reaches the target).
     """
     blocks = []
     for name, problem in results["problems"].items():
@@ -79,6 +80,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             step_ms = run["step_time_median_s"]
             rows.append([
                 opt + (" (diverged)" if run.get("diverged") else ""),
+                str(run.get("steps", "?")),
                 _number(run["final_train_loss"]),
                 shown,
                 _number(None if step_ms is None else step_ms * 1e3, 3),
@@ -98,7 +100,9 @@ def format_tuning(tuned: Mapping[str, Any], problems: Sequence[str]) -> str:
     rows = []
     for problem in problems:
         for opt, values in tuned.get("values", {}).get(problem, {}).items():
-            rows.append([problem, opt, ", ".join(f"{k}={v:g}" for k, v in values.items())])
+            shown = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in values.items())
+            rows.append([problem, opt, ", ".join(shown)])
     return "\n".join(_markdown(["problem", "optimizer", "chosen hyper-parameters"], rows))
 
 

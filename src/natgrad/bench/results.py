@@ -73,7 +73,7 @@ class RunResult:
     """
 
     optimizer: str
-    hparams: dict[str, float]
+    hparams: dict[str, float | str]
     curve: Curve
     step_times: list[float]
     test_metric: float
@@ -156,7 +156,7 @@ def problem_summary(
         curves: include each run's evaluated steps, seconds and losses.
 
     Returns:
-        ``{"target_loss": float|None, "runs": {optimizer: {"final_train_loss",
+        ``{"target_loss": float|None, "runs": {optimizer: {"steps", "final_train_loss",
         "test_metric", "step_time_median_s", "steps_to_target", "seconds_to_target",
         "seconds_to_target_ratio", "hparams", "diverged", ["curve"]}}}``; non-finite
         numbers become None.
@@ -167,6 +167,7 @@ def problem_summary(
     for name, run in runs.items():
         seconds = seconds_to_target(run.curve, target)
         entry: dict[str, Any] = {
+            "steps": len(run.step_times),
             "final_train_loss": finite_or_none(run.final_train_loss),
             "test_metric": finite_or_none(run.test_metric),
             "step_time_median_s": finite_or_none(run.step_time_median),

@@ -158,7 +158,7 @@ def train_run(
     problem: Problem,
     dataset: Dataset,
     spec: OptimizerSpec,
-    hparams: dict[str, float],
+    hparams: dict[str, float | str],
     *,
     steps: int,
     eval_every: int,
@@ -251,9 +251,10 @@ def run_problem(
         if reason is not None:
             skipped[name] = reason
             continue
+        run_steps, run_every = spec.budget(steps, eval_every)
         runs[name] = train_run(
-            problem, dataset, spec, spec.hparams(problem.name, tuned), steps=steps,
-            eval_every=eval_every, seed=config.seed, progress=config.progress,
+            problem, dataset, spec, spec.hparams(problem.name, tuned), steps=run_steps,
+            eval_every=run_every, seed=config.seed, progress=config.progress,
         )
     entry = {
         "description": problem.description,

@@ -64,7 +64,7 @@ def _trial(run: RunResult, target: float | None) -> dict[str, Any]:
 
 def tune_problem(
     problem: Problem, config: BenchConfig
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, float | str]], dict[str, Any]]:
     """Run the grids of ``config``'s optimizers on one problem.
 
     Returns:
@@ -75,15 +75,16 @@ def tune_problem(
     num_params, outputs = model_size(problem, dataset)
     dataset = dataset.to(config.device, DTYPES[config.dtype])
     steps, eval_every = config.budget(problem)
-    chosen: dict[str, dict[str, float]] = {}
+    chosen: dict[str, dict[str, float | str]] = {}
     trials: dict[str, list[dict[str, Any]]] = {}
     target: float | None = None
     for name in config.optimizer_names():  # the reference comes first
         spec = OPTIMIZERS[name]
         if spec.skip_reason(num_params, problem.batch_size, outputs) is not None:
             continue
+        run_steps, run_every = spec.budget(steps, eval_every)
         runs = [
-            train_run(problem, dataset, spec, hparams, steps=steps, eval_every=eval_every,
+            train_run(problem, dataset, spec, hparams, steps=run_steps, eval_every=run_every,
                       seed=config.seed, progress=config.progress)
             for hparams in spec.configs()
         ]

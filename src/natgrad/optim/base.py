@@ -267,9 +267,15 @@ class CurvatureOptimizer(Optimizer):
         state = self.global_state
         state.update(alpha=info["alpha"], mu=info["mu"])
         if self.auto.damping and state["step"] % self.auto.lm_every == 0:
+            penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
+            if wd:
+                penalty = wd * float(sum(
+                    (p * d).sum() - 0.5 * d.square().sum()
+                    for p, d in zip(params, update, strict=True)
+                ))
             with self._capture.paused():
                 rho = self._control.reduction_ratio(
-                    fmodel, self._records, info["predicted_change"]
+                    fmodel, self._records, info["predicted_change"], penalty
                 )
             state["rho"] = rho
             state["damping"] = lm_update(

@@ -8,7 +8,8 @@ is δ = a·d + m·δ₀. The quadratic model of the batch-mean negative log-like
 with F the exact Fisher of the current batch (via two Jacobian-vector products, never
 formed), λ the damping and η the L2 weight decay, is minimised over the free coefficients:
 a (``lr="auto"``) and m (``momentum="auto"``), a 2×2 linear system. Levenberg–Marquardt
-adapts λ every ``lm_every`` steps from the reduction ratio ρ = (J(θ+δ) − J(θ)) / M(δ):
+adapts λ every ``lm_every`` steps from the reduction ratio ρ = (J(θ+δ) − J(θ)) / M₀(δ),
+M₀ being the model without the damping term:
 λ ← ω λ if ρ > 3/4, λ ← λ / ω if ρ < 1/4, clamped to [``min_damping``, ``max_damping``].
 
 J(θ+δ) needs the batch's targets, which the optimizer never sees: they are recovered
@@ -155,18 +156,20 @@ class QuadraticControl:
         def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
             return sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
 
-        shift = damping + weight_decay
         ju = products[0]
-        curvature = torch.zeros(2, 2, dtype=torch.float64)
+        # curvature = fisher + (λ + η)·norms, with the 2×2 Gram matrices in both metrics
+        fisher = torch.zeros(2, 2, dtype=torch.float64)
+        norms = torch.zeros(2, 2, dtype=torch.float64)
         linear = torch.zeros(2, dtype=torch.float64)
-        curvature[0, 0] = fisher_dot(ju, ju) + shift * dot(descent, descent)
+        fisher[0, 0], norms[0, 0] = fisher_dot(ju, ju), dot(descent, descent)
         linear[0] = dot(grads, descent)
         if use_momentum:
             jw = products[1]
-            cross = fisher_dot(ju, jw) + shift * dot(descent, previous)
-            curvature[0, 1] = curvature[1, 0] = cross
-            curvature[1, 1] = fisher_dot(jw, jw) + shift * dot(previous, previous)
+            fisher[0, 1] = fisher[1, 0] = fisher_dot(ju, jw)
+            norms[0, 1] = norms[1, 0] = dot(descent, previous)
+            fisher[1, 1], norms[1, 1] = fisher_dot(jw, jw), dot(previous, previous)
             linear[1] = dot(grads, previous)
+        curvature = fisher + (damping + weight_decay) * norms
         if not bool(torch.isfinite(curvature).all() and torch.isfinite(linear).all()):
             return None
         free = (self.settings.lr, self.settings.momentum and use_momentum)
@@ -179,14 +182,21 @@ class QuadraticControl:
         update = [a * d for d in descent]
         if use_momentum and m != 0.0:
             update = [u + m * p for u, p in zip(update, previous, strict=True)]
-        predicted = quadratic_value(curvature, linear, a, m)
+        # ρ compares the loss with the *undamped* model (Martens 2010; kfac-jax does the same):
+        # damping is the knob being adapted, not part of the objective
+        predicted = quadratic_value(fisher + weight_decay * norms, linear, a, m)
         info = {"alpha": a, "mu": m, "predicted_change": predicted}
         return update, info
 
     def reduction_ratio(
-        self, fmodel: FunctionalModel, records: list[ForwardRecord], predicted: float
+        self,
+        fmodel: FunctionalModel,
+        records: list[ForwardRecord],
+        predicted: float,
+        penalty_change: float = 0.0,
     ) -> float:
-        """ρ = (J(θ+δ) − J(θ)) / M(δ) on the step's batch, with θ+δ the current parameters."""
+        """ρ = (J(θ+δ) − J(θ)) / M₀(δ) on the step's batch, with θ+δ the current parameters
+        and M₀ the undamped model; ``penalty_change`` is the L2 penalty's part of the change."""
         if predicted >= 0:
             return -math.inf  # the model predicts no decrease: treat as a failed step
         targets, before = [], []
@@ -196,5 +206,5 @@ class QuadraticControl:
             before.append(self.likelihood.cross_entropy(record.output, y))
         outputs = fmodel.frozen_forward(batch_inputs(records))
         after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
-        change = float(after.mean() - torch.cat(before).mean())
+        change = float(after.mean() - torch.cat(before).mean()) + penalty_change
         return change / predicted

@@ -1,0 +1,274 @@
+"""Automatic lr, momentum and damping: the quadratic model, Levenberg–Marquardt, CG, NGDCG."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from conftest import RTOL_EXACT, rel_err
+from natgrad.curvature.products import conjugate_gradient
+from natgrad.optim.control import lm_update, quadratic_value, solve_coefficients
+
+DTYPE = torch.float64
+# CG against a dense solve on a well-conditioned system (the issue's bound).
+CG_RTOL = 1e-8
+
+
+def _spd(n: int, condition: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DTYPE))
+    return q @ torch.diag(torch.logspace(0, math.log10(condition), n, dtype=DTYPE)) @ q.T
+
+
+def test_cg_reaches_dense_solve():
+    matrix = _spd(40, 10.0, seed=0)
+    rhs = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    solution, iters, residual = conjugate_gradient(lambda v: matrix @ v, rhs, tol=1e-12)
+    assert rel_err(solution, torch.linalg.solve(matrix, rhs)) <= CG_RTOL
+    assert residual <= 1e-12 and iters <= 40
+
+
+def test_cg_warm_start_and_zero_rhs():
+    matrix = _spd(20, 10.0, seed=2)
+    rhs = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    exact = torch.linalg.solve(matrix, rhs)
+    _, iters, _ = conjugate_gradient(lambda v: matrix @ v, rhs, initial=exact, tol=1e-10)
+    assert iters == 0
+    zero, iters, residual = conjugate_gradient(lambda v: matrix @ v, torch.zeros(20, dtype=DTYPE))
+    assert torch.equal(zero, torch.zeros(20, dtype=DTYPE)) and iters == 0
+
+
+def test_preconditioned_cg_needs_fewer_iterations():
+    matrix = _spd(60, 1e5, seed=4)
+    rhs = torch.randn(60, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    approx = matrix + 0.01 * torch.eye(60, dtype=DTYPE)  # a good SPD preconditioner M ≈ A
+    solve_m = torch.linalg.cholesky(approx)
+
+    def precondition(r: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(r.unsqueeze(1), solve_m).squeeze(1)
+
+    _, plain, _ = conjugate_gradient(lambda v: matrix @ v, rhs, max_iters=500, tol=1e-8)
+    x, pre, _ = conjugate_gradient(
+        lambda v: matrix @ v, rhs, max_iters=500, tol=1e-8, preconditioner=precondition
+    )
+    assert pre < plain
+    assert rel_err(x, torch.linalg.solve(matrix, rhs)) <= 1e-6
+
+
+def test_cg_on_fisher_vector_products_matches_dense_solve():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    damping = 0.5  # keeps the damped Fisher well conditioned
+    fisher = natgrad.fisher_matrix(model, x, likelihood="categorical")
+    rhs = torch.randn(fisher.shape[0], dtype=DTYPE)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return natgrad.fisher_vector_product(model, x, v, likelihood="categorical") + damping * v
+
+    solution, _, _ = conjugate_gradient(matvec, rhs, max_iters=200, tol=1e-13)
+    expected = torch.linalg.solve(fisher + damping * torch.eye(fisher.shape[0], dtype=DTYPE), rhs)
+    assert rel_err(solution, expected) <= CG_RTOL
+
+
+def test_solve_coefficients_matches_closed_form_minimiser():
+    curvature = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DTYPE)
+    linear = torch.tensor([-2.0, 0.5], dtype=DTYPE)
+    a, m, value = solve_coefficients(curvature, linear, (True, True), (0.0, 0.0))
+    # closed form: c* = −C⁻¹ g = −(1/11)[[3, −1], [−1, 4]] g
+    expected = -torch.tensor([[3.0, -1.0], [-1.0, 4.0]], dtype=DTYPE) @ linear / 11.0
+    assert a == pytest.approx(float(expected[0]), rel=1e-12)
+    assert m == pytest.approx(float(expected[1]), rel=1e-12)
+    assert value == pytest.approx(0.5 * float(linear @ expected), rel=1e-12)  # −½ gᵀC⁻¹g
+    assert value == pytest.approx(quadratic_value(curvature, linear, a, m), rel=1e-14)
+
+
+def test_solve_coefficients_first_step_and_safeguards():
+    curvature = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=DTYPE)
+    linear = torch.tensor([-3.0, 0.0], dtype=DTYPE)
+    a, m, _ = solve_coefficients(curvature, linear, (True, True), (0.0, 0.0))
+    assert (a, m) == (1.5, 0.0)  # α alone: −gᵀd / dᵀCd
+    parallel = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DTYPE)  # d ∥ δ₀: singular
+    a, m, _ = solve_coefficients(parallel, torch.tensor([-1.0, -1.0], dtype=DTYPE),
+                                 (True, True), (0.0, 0.0))
+    assert (a, m) == (1.0, 0.0)
+    a, m, _ = solve_coefficients(curvature, linear, (False, False), (0.3, 0.9))
+    assert (a, m) == (0.3, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("rho", "expected"), [(0.9, 0.5), (0.5, 1.0), (0.1, 2.0), (math.nan, 2.0), (-5.0, 2.0)]
+)
+def test_lm_update(rho, expected):
+    assert lm_update(1.0, rho, 0.5, 1e-5, 1e3) == pytest.approx(expected)
+
+
+def test_lm_update_respects_bounds():
+    assert lm_update(1e-5, 0.9, 0.5, 1e-5, 1e3) == 1e-5
+    assert lm_update(1e3, 0.0, 0.5, 1e-5, 1e3) == 1e3
+
+
+def _linear_gaussian_problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 5, generator=gen, dtype=DTYPE)
+    y = x @ torch.randn(5, 2, generator=gen, dtype=DTYPE) + 0.1 * torch.randn(
+        32, 2, generator=gen, dtype=DTYPE
+    )
+    torch.manual_seed(seed)
+    return nn.Linear(5, 2).double(), x, y
+
+
+def _gaussian_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "NaturalGradient"])
+def test_rho_is_one_on_an_exactly_quadratic_problem_and_damping_shrinks(optimizer):
+    model, x, y = _linear_gaussian_problem()
+    opt = getattr(natgrad, optimizer)(
+        model, lr="auto", momentum="auto", damping="auto", likelihood="gaussian", lm_every=1,
+        initial_damping=1.0, min_damping=1e-8,
+    )
+    dampings = []
+    for _ in range(4):
+        opt.zero_grad()
+        _gaussian_loss(model(x), y).backward()
+        opt.step()
+        assert opt.state["natgrad"]["rho"] == pytest.approx(1.0, abs=1e-8)
+        dampings.append(opt.state["natgrad"]["damping"])
+    assert all(b < a for a, b in zip([1.0] + dampings, dampings, strict=False))
+
+
+def test_damping_grows_on_a_strongly_nonquadratic_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # saturated tanh units: the quadratic model is poor
+    x = torch.randn(64, 2, dtype=DTYPE) * 3
+    y = torch.randint(0, 2, (64,))
+    opt = natgrad.KFAC(model, lr="auto", momentum="auto", damping="auto", lm_every=1,
+                       initial_damping=1e-4, stat_every=1, inv_every=1)
+    start = opt.damping_of(opt.param_groups[0])
+    rhos = []
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rhos.append(opt.state["natgrad"]["rho"])
+    assert min(rhos) < 0.25
+    assert opt.state["natgrad"]["damping"] > start
+
+
+def test_targets_recovered_from_the_output_gradient():
+    gen = torch.Generator().manual_seed(0)
+    for name, targets in [
+        ("categorical", torch.randint(0, 4, (5,), generator=gen)),
+        ("gaussian", torch.randn(5, 4, generator=gen, dtype=DTYPE)),
+        ("bernoulli", torch.randint(0, 2, (5, 4), generator=gen).to(DTYPE)),
+    ]:
+        likelihood = natgrad.get_likelihood(name)
+        outputs = torch.randn(5, 4, generator=gen, dtype=DTYPE, requires_grad=True)
+        (-likelihood.log_prob(outputs, targets).mean()).backward()
+        recovered = likelihood.targets_from_grad(outputs.detach(), outputs.grad)
+        expected = F.one_hot(targets, 4).to(DTYPE) if name == "categorical" else targets
+        assert rel_err(recovered, expected) <= RTOL_EXACT
+        ce = likelihood.cross_entropy(outputs.detach(), recovered)
+        assert rel_err(ce, -likelihood.log_prob(outputs.detach(), targets)) <= RTOL_EXACT
+
+
+def _digits(n: int = 512):
+    from sklearn.datasets import load_digits
+
+    inputs, labels = load_digits(return_X_y=True)
+    return torch.tensor(inputs[:n] / 16.0, dtype=torch.float32), torch.tensor(labels[:n])
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC", "NGDCG"])
+def test_automatic_settings_reduce_the_loss_on_digits_without_tuning(optimizer):
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = getattr(natgrad, optimizer)(model)  # every hyper-parameter at its default
+    start = F.cross_entropy(model(x), y).item()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    end = F.cross_entropy(model(x), y).item()
+    assert end < 0.25 * start
+    assert opt.state["natgrad"]["skipped_steps"] == 0
+
+
+def _train(model, opt, x, y, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC", "NGDCG", "NaturalGradient"])
+def test_adaptive_state_round_trip_is_bit_identical(optimizer):
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, dtype=DTYPE)
+    y = torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    kwargs = dict(lr="auto", momentum="auto", damping="auto", lm_every=2)
+    opt = getattr(natgrad, optimizer)(model, **kwargs)
+    _train(model, opt, x, y, 7, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(saved["model"])
+    resumed = getattr(natgrad, optimizer)(clone, **kwargs)
+    resumed.load_state_dict(saved["opt"])
+    assert "damping" in resumed.state["natgrad"] and "alpha" in resumed.state["natgrad"]
+    _train(model, opt, x, y, 6, seed=2)
+    _train(clone, resumed, x, y, 6, seed=2)
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.state["natgrad"]["damping"] == resumed.state["natgrad"]["damping"]
+
+
+def test_ngdcg_arguments_are_validated():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="cg_max_iters"):
+        natgrad.NGDCG(model, cg_max_iters=0)
+    with pytest.raises(ValueError, match="cg_tol"):
+        natgrad.NGDCG(model, cg_tol=-1.0)
+    with pytest.raises(ValueError, match="preconditioner"):
+        natgrad.NGDCG(model, preconditioner="jacobi")
+
+
+@pytest.mark.parametrize("preconditioner", ["kfac", "diagonal", "none"])
+def test_ngdcg_step_solves_the_damped_fisher_system(preconditioner):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(10, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (10,))
+    damping = 0.3
+    opt = natgrad.NGDCG(model, lr=1.0, momentum=0.0, damping=damping, cg_max_iters=200,
+                        cg_tol=1e-12, preconditioner=preconditioner, stat_every=1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    fisher = natgrad.fisher_matrix(reference, x, likelihood="categorical")
+    expected = torch.linalg.solve(fisher + damping * torch.eye(len(grad), dtype=DTYPE), grad)
+    assert rel_err(before - after, expected) <= CG_RTOL
