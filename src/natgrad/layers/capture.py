@@ -109,6 +109,7 @@ class ForwardRecord:
     output: Tensor | None = None  # detached, set when the backward reaches it
     output_grad: Tensor | None = None  # ∂loss/∂output
     stats: bool = False  # recorded on a statistics step (layer calls were captured)
+    trace: list[Tensor] | None = None  # outputs of a Sequential model's children
     used: bool = False
     sampled_param_grads: list[list[Tensor]] = field(default_factory=list)
 
@@ -127,6 +128,8 @@ class LayerCapture:
             forward recorded while active reaches the model's output (graph still alive).
         grad_hooks: also record the gradient arriving at each layer output (the loss's own
             δ, for the empirical Fisher).
+        trace: record every child's output of a ``Sequential`` model in each forward
+            (:mod:`natgrad.curvature.tangents` propagates tangents through them).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class LayerCapture:
         output_fn: Callable[[Any], Tensor] | None = None,
         on_backward: Callable[[ForwardRecord, Tensor], None] | None = None,
         grad_hooks: bool = False,
+        trace: bool = False,
     ) -> None:
         self.active = True
         self.records: list[ForwardRecord] = []
@@ -145,9 +149,17 @@ class LayerCapture:
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
         self._paused = False
+        self._trace: list[Tensor] | None = [] if trace else None
         self._handles = [model.register_forward_hook(self._model_hook)]
         for name, handler in handlers.items():
             self._handles.append(handler.module.register_forward_hook(self._layer_hook(name)))
+        if trace:
+            for child in model.children():
+                self._handles.append(child.register_forward_hook(self._trace_hook))
+
+    def _trace_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if not self._paused and torch.is_grad_enabled():
+            self._trace.append(output.detach())
 
     def _layer_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -164,6 +176,9 @@ class LayerCapture:
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         calls, self._current = self._current, {}
+        trace = None
+        if self._trace is not None:
+            trace, self._trace = self._trace, []
         if self._paused or not torch.is_grad_enabled():
             return
         out = output if self._output_fn is None else self._output_fn(output)
@@ -175,7 +190,7 @@ class LayerCapture:
         if not out.requires_grad:
             return
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.active)
+        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.active, trace=trace)
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
         out.register_hook(lambda grad: self._reached(record, out, grad))

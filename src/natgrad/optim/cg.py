@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.products import conjugate_gradient, fisher_operator
+from natgrad.curvature.tangents import supports_trace
 from natgrad.layers.capture import LayerCapture, batch_inputs
 from natgrad.likelihoods import Likelihood
 from natgrad.optim.base import check_choice, check_positive
@@ -95,7 +96,10 @@ class NGDCG(KFAC):
         self.excluded = set()
         diagonal = self.preconditioner == "diagonal"
         self.fallback = [p for g in self.param_groups for p in g["params"]] if diagonal else []
-        self._capture = LayerCapture(model, {}, output_fn, on_backward=self._on_backward)
+        self._capture = LayerCapture(
+            model, {}, output_fn, on_backward=self._on_backward,
+            trace=self.auto.enabled and supports_trace(model),
+        )
 
     def _sync_capture(self) -> None:
         super()._sync_capture()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from natgrad.curvature.model import FunctionalModel
+from natgrad.curvature.tangents import sequential_jvp
 from natgrad.layers.capture import ForwardRecord, batch_inputs
 from natgrad.likelihoods import Likelihood
 
@@ -118,6 +119,24 @@ class AutoSettings:
         return self.lm_decay**self.lm_every
 
 
+def _jvps(
+    fmodel: FunctionalModel,
+    records: list[ForwardRecord],
+    inputs: tuple[Tensor, ...],
+    tangents: list[list[Tensor]],
+) -> tuple[Tensor, list[Tensor]]:
+    """Outputs and J·t per tangent: from the traced activations of a Sequential model when
+    available (about one forward), else by forward-mode AD through the module."""
+    traced = fmodel.output_fn is None and all(r.trace for r in records) and len(inputs) == 1
+    if not traced:
+        return fmodel.jvp(inputs, tangents)
+    outputs = [torch.cat(parts) for parts in zip(*(r.trace for r in records), strict=True)]
+    directions = [
+        {id(p): t for p, t in zip(fmodel.params, tangent, strict=True)} for tangent in tangents
+    ]
+    return outputs[-1], sequential_jvp(fmodel.model, inputs[0], outputs, directions)
+
+
 class QuadraticControl:
     """Chooses (a, m) on the quadratic model and adapts the damping (see module doc)."""
 
@@ -147,7 +166,7 @@ class QuadraticControl:
         inputs = batch_inputs(records)
         use_momentum = previous is not None and (self.settings.momentum or fixed[1] != 0.0)
         tangents = [descent] + ([previous] if use_momentum else [])
-        outputs, products = fmodel.jvp(inputs, tangents)
+        outputs, products = _jvps(fmodel, records, inputs, tangents)
         n = outputs.shape[0]
 
         def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space

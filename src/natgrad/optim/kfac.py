@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from natgrad.curvature.ekfac import EigenBlock, scaling_sum
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, record_sums
 from natgrad.curvature.model import FisherKind, check_kind
+from natgrad.curvature.tangents import supports_trace
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import ForwardRecord, LayerCapture, find_layers
 from natgrad.likelihoods import Likelihood, get_likelihood
@@ -189,6 +190,7 @@ class KFAC(CurvatureOptimizer):
         self._capture = LayerCapture(
             model, handlers, output_fn,
             on_backward=self._on_backward, grad_hooks=empirical,
+            trace=self.auto.enabled and supports_trace(model),
         )
 
     def _sync_capture(self) -> None:

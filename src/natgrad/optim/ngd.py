@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.dense import fisher_rows
 from natgrad.curvature.model import FisherKind, FunctionalModel, check_kind, flatten, unflatten
+from natgrad.curvature.tangents import supports_trace
 from natgrad.layers.capture import LayerCapture, batch_inputs
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.base import CurvatureOptimizer, check_choice
@@ -137,7 +138,9 @@ class NaturalGradient(CurvatureOptimizer):
             model, params, defaults, likelihood, output_fn, lm_every, min_damping,
             initial_damping,
         )
-        self._capture = LayerCapture(model, {}, output_fn)
+        self._capture = LayerCapture(
+            model, {}, output_fn, trace=self.auto.enabled and supports_trace(model)
+        )
         self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
         self._generator.manual_seed(seed)
 
