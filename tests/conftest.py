@@ -15,6 +15,7 @@ import itertools
 import math
 from collections.abc import Iterator
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -246,3 +247,243 @@ def assert_psd(matrix: Tensor) -> None:
     eigvals = torch.linalg.eigvalsh(matrix)
     scale = eigvals.abs().max().item()
     assert eigvals.min().item() >= -PSD_RTOL * scale, (eigvals.min().item(), scale)
+
+
+# === Added for the K-FAC / EKFAC / layer-handler / optimizer tests ============================
+# --- tolerances -------------------------------------------------------------------------------
+# A KL-clipped step must satisfy lr²·vᵀFv ≤ kl_clip; this relative slack is float64 rounding.
+KL_CLIP_SLACK = 1e-10
+# Looser: float32 models (factor_dtype / inverse_dtype checks) carry float32 rounding (~1e-7).
+FLOAT32_RTOL = 1e-5
+# Looser than RTOL_EXACT: parameter *changes* θ_new − θ_old lose the leading digits of θ
+# (|θ| ~ 1 against steps ~ 1e-2), so the difference carries ≈ 1e-14 relative error; the
+# EMA / step bookkeeping adds a few more roundings. Still far below any real discrepancy.
+RTOL_STEP = 1e-9
+# Loss-decrease checks: after ~20 steps the loss must have dropped below this fraction.
+LOSS_DECREASE_FACTOR = 0.9
+
+
+# --- problems ---------------------------------------------------------------------------------
+VOCAB = 6  # tokens of the embedding problem
+EMBED_DIM = 4
+
+
+def make_embedding_model(seed: int = 0) -> nn.Module:
+    """Embedding(VOCAB, EMBED_DIM) → Tanh → Linear: maps tokens ``[N, T]`` to ``[N, T, OUT]``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(VOCAB, EMBED_DIM), nn.Tanh(), nn.Linear(EMBED_DIM, OUT))
+    return model.to(DTYPE)
+
+
+def make_tokens(n: int = BATCH, positions: int = POSITIONS, seed: int = 1) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, positions), generator=gen)
+
+
+def mean_nll(likelihood: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """−(1/N) Σₙ log p(yₙ | fₙ) (summed over positions): the batch-mean negative
+    log-likelihood that ``kind="empirical"`` assumes is the loss (cross_entropy for
+    categorical, ½‖f − y‖² + const for gaussian, BCE-with-logits summed for bernoulli)."""
+    return -distribution(likelihood, outputs).log_prob(targets).sum() / outputs.shape[0]
+
+
+# --- hand-written convolution patches ---------------------------------------------------------
+def conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of ``conv``, worked out from its arguments."""
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    if conv.padding == "same":  # total d·(k−1), the smaller half first (PyTorch's convention)
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    ph, pw = conv.padding
+    return pw, pw, ph, ph
+
+
+def hand_patches(conv: nn.Conv2d, image: Tensor) -> Tensor:
+    """One sample's input patches, ``[H_out·W_out, C_in·kh·kw]``, by a loop over output
+    locations (row-major), each patch flattened in (C_in, kh, kw) order; no ``F.unfold``."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = torch.nn.functional.pad(image.unsqueeze(0), conv_pads(conv), mode=mode)[0]
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    rows = []
+    for i in range(0, padded.shape[1] - span_h + 1, sh):
+        for j in range(0, padded.shape[2] - span_w + 1, sw):
+            rows.append(padded[:, i : i + span_h : dh, j : j + span_w : dw].reshape(-1))
+    return torch.stack(rows)
+
+
+# --- per-layer references ---------------------------------------------------------------------
+KRONECKER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def kronecker_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers natgrad gives Kronecker factors (Linear, ungrouped Conv2d, Embedding)."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, KRONECKER_TYPES) and getattr(m, "groups", 1) == 1
+    }
+
+
+def input_rows(module: nn.Module, sample_input: Tensor) -> Tensor:
+    """ā for every position of ONE sample's layer input, ``[T, d_in]`` (bias column last);
+    for an Embedding the one-hot rows ``[T, V]``."""
+    if isinstance(module, nn.Embedding):
+        return torch.eye(module.num_embeddings, dtype=DTYPE)[sample_input.reshape(-1)]
+    if isinstance(module, nn.Conv2d):
+        rows = hand_patches(module, sample_input)
+    else:
+        rows = sample_input.reshape(-1, module.in_features)
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    return rows
+
+
+def grad_rows(module: nn.Module, sample_grad: Tensor) -> Tensor:
+    """δ for every position of ONE sample's layer output gradient, ``[T, d_out]``."""
+    if isinstance(module, nn.Conv2d):
+        return sample_grad.permute(1, 2, 0).reshape(-1, module.out_channels)
+    return sample_grad.reshape(-1, sample_grad.shape[-1])
+
+
+class _LayerTaps:
+    """Forward hooks that keep each watched layer's last input and (attached) output."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.inputs[name], self.outputs[name] = args[0].detach(), output
+
+        return hook
+
+    def __enter__(self) -> _LayerTaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def label_draws(likelihood: str, out: Tensor, kind: str, target: Tensor | None):
+    """(y, weight) pairs: every outcome for ``kind="true"``, the observed one otherwise."""
+    if kind == "true":
+        return list(outcomes(likelihood, out))
+    return [(target, 1.0)]
+
+
+def brute_force_kfac(
+    model: nn.Module, inputs: Tensor, likelihood: str, kind: str = "true",
+    targets: Tensor | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """{name: (A, G)} with A = (1/(N·T)) Σ āāᵀ (full matrix, also for Embedding) and
+    G = (1/N) Σₙ Σ_y w Σₜ δδᵀ, δ from autograd of one sample's log-likelihood with respect to
+    the layer's output (one forward per sample, one backward per outcome)."""
+    layers = kronecker_layers(model)
+    a_sums = {n: 0.0 for n in layers}
+    g_sums = {n: 0.0 for n in layers}
+    rows_seen = dict.fromkeys(layers, 0)
+    for n in range(inputs.shape[0]):
+        with _LayerTaps(layers) as taps:
+            out = model(inputs[n : n + 1])[0]
+        for name, module in layers.items():
+            rows = input_rows(module, taps.inputs[name][0])
+            a_sums[name] = a_sums[name] + rows.T @ rows
+            rows_seen[name] += rows.shape[0]
+        target = None if targets is None else targets[n]
+        for y, weight in label_draws(likelihood, out, kind, target):
+            logp = reference_log_prob(likelihood, out, y)
+            deltas = torch.autograd.grad(logp, [taps.outputs[k] for k in layers], retain_graph=True)
+            for (name, module), delta in zip(layers.items(), deltas, strict=True):
+                d = grad_rows(module, delta[0])
+                g_sums[name] = g_sums[name] + weight * d.T @ d
+    return {
+        name: (a_sums[name] / rows_seen[name], g_sums[name] / inputs.shape[0]) for name in layers
+    }
+
+
+def grad_matrix(module: nn.Module, grads: dict[Tensor, Tensor]) -> Tensor:
+    """natgrad's gradient matrix X of a layer from its parameter gradients: [∇W | ∇b]
+    (Conv2d W reshaped ``[C_out, C_in·kh·kw]``; Embedding: ∇Wᵀ, ``[D, V]``)."""
+    if isinstance(module, nn.Embedding):
+        return grads[module.weight].T
+    weight = grads[module.weight].reshape(module.weight.shape[0], -1)
+    if module.bias is None:
+        return weight
+    return torch.cat([weight, grads[module.bias].unsqueeze(1)], dim=1)
+
+
+def per_sample_grad_matrices(
+    model: nn.Module, inputs: Tensor, likelihood: str, module: nn.Module, kind: str = "true",
+    targets: Tensor | None = None,
+) -> list[tuple[int, float, Tensor]]:
+    """(sample index, weight, Xₙ(y)) with Xₙ(y) the layer's gradient matrix of log p(y | xₙ),
+    from autograd with respect to the layer's parameters (not via δ and ā)."""
+    params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+    result = []
+    for n in range(inputs.shape[0]):
+        out = model(inputs[n : n + 1])[0]
+        target = None if targets is None else targets[n]
+        for y, weight in label_draws(likelihood, out, kind, target):
+            logp = reference_log_prob(likelihood, out, y)
+            grads = torch.autograd.grad(logp, params, retain_graph=True)
+            result.append((n, weight, grad_matrix(module, dict(zip(params, grads, strict=True)))))
+    return result
+
+
+def exact_block(
+    model: nn.Module, inputs: Tensor, likelihood: str, module: nn.Module, kind: str = "true",
+    targets: Tensor | None = None,
+) -> Tensor:
+    """The layer's Fisher block on vec(X) (row-major): (1/N) Σₙ Σ_y w vec(Xₙ) vec(Xₙ)ᵀ."""
+    draws = per_sample_grad_matrices(model, inputs, likelihood, module, kind, targets)
+    size = draws[0][2].numel()
+    block = torch.zeros(size, size, dtype=DTYPE)
+    for _, weight, x in draws:
+        block += weight * torch.outer(x.reshape(-1), x.reshape(-1))
+    return block / inputs.shape[0]
+
+
+def block_indices(model: nn.Module, module: nn.Module) -> Tensor:
+    """Indices into ``model.parameters()`` order of vec(X) (row-major): F[idx][:, idx] is the
+    layer's block in natgrad's X layout, with the bias interleaved as X's last column."""
+    offsets, start = {}, 0
+    for p in trainable(model):
+        offsets[id(p)] = start
+        start += p.numel()
+    w = module.weight
+    if isinstance(module, nn.Embedding):  # X[d, v] = W[v, d]
+        vocab, dim = w.shape
+        base = offsets[id(w)]
+        return torch.tensor([base + v * dim + d for d in range(dim) for v in range(vocab)])
+    d_out, d_in = w.shape[0], w[0].numel()
+    index = []
+    for i in range(d_out):
+        index += [offsets[id(w)] + i * d_in + j for j in range(d_in)]
+        if module.bias is not None:
+            index.append(offsets[id(module.bias)] + i)
+    return torch.tensor(index)
+
+
+def kron_full(grad_factor: Tensor, input_factor: Tensor) -> Tensor:
+    """G ⊗ A as a dense matrix (a vector A is a diagonal)."""
+    if input_factor.dim() == 1:
+        input_factor = torch.diag(input_factor)
+    return torch.kron(grad_factor.contiguous(), input_factor.contiguous())
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Run a test with one intra-op thread: the tests' tensors are tiny, and with several
+    threads each op pays a synchronisation that dominates (≈30× slower on a loaded 2-core
+    machine). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
@@ -151,7 +152,9 @@ class FunctionalModel:
         """
         products = []
         outputs = None
-        with torch.no_grad(), fwAD.dual_level():
+        with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings():
+            # torch's own forward-mode code warns about its use of torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
             for tangent in tangents:  # t -> J t
                 duals = {
                     id(p): fwAD.make_dual(p.detach(), t)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad.curvature.model import FunctionalModel
-from natgrad.layers.capture import ForwardRecord
+from natgrad.layers.capture import ForwardRecord, LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.optim.control import AutoSettings, QuadraticControl, lm_update
 
@@ -142,6 +142,7 @@ class CurvatureOptimizer(Optimizer):
         self.output_fn = output_fn
         self._control = QuadraticControl(self.auto, likelihood)
         self._records: list[ForwardRecord] = []
+        self._capture: LayerCapture  # set by subclasses: what they need to see of forwards
         self._warned: set[str] = set()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,6 +170,7 @@ class CurvatureOptimizer(Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _skip(self, reason: str) -> None:
+        self._capture.take()  # the skipped batch's forwards must not feed the next step
         self.global_state["skipped_steps"] += 1
         self._warn_once(
             "skip",
@@ -238,23 +240,27 @@ class CurvatureOptimizer(Optimizer):
         groups = self._group_of()
         params = list(directions)
         first = self.param_groups[0]
+        lrs = [groups[id(p)]["lr"] for p in params]
         # d = −lr·Δ for a fixed lr (a = 1 then reproduces the plain step); d = −Δ for auto
-        descent = [
-            -directions[p] if self.auto.lr else -groups[id(p)]["lr"] * directions[p]
-            for p in params
-        ]
+        descent = [-directions[p] if self.auto.lr else -lr * directions[p]
+                   for p, lr in zip(params, lrs, strict=True)]
         previous = [self.state[p].get("previous_update") for p in params]
         has_previous = all(v is not None for v in previous)
         fmodel = FunctionalModel(self.model, self.output_fn, params)
+        # momentum, weight decay and damping of the quadratic model are optimizer-wide (the
+        # first group's); with lr="auto" each group's lr multiplies the chosen step
         wd = 0.0 if first.get("decoupled_weight_decay") else first.get("weight_decay", 0.0)
         damping = self.damping_of(first)
+        uniform = len(set(lrs)) == 1
         with self._capture.paused():
             result = self._control.updates(
                 fmodel, self._records, [grads[p] for p in params], descent,
                 previous if has_previous else None, damping, wd,
                 fixed=(1.0, first.get("momentum", 0.0)),
-                scale=first["lr"] if self.auto.lr else 1.0,
+                scale=lrs[0] if self.auto.lr and uniform else 1.0,
             )
+        if result is not None and self.auto.lr and not uniform:
+            result = ([u * lr for u, lr in zip(result[0], lrs, strict=True)], result[1])
         if result is None or not all_finite(result[0]):
             return False
         update, info = result

@@ -55,6 +55,8 @@ class NGDCG(KFAC):
         optimization, 2012.
     """
 
+    _fallback_effect = "are preconditioned in CG by the diagonal Fisher instead"
+
     def __init__(
         self,
         model: nn.Module,

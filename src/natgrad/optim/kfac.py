@@ -99,6 +99,7 @@ class KFAC(CurvatureOptimizer):
     """
 
     _block_type: type[KroneckerBlock] = KroneckerBlock
+    _fallback_effect = "get a diagonal-Fisher update instead"
 
     def __init__(
         self,
@@ -168,22 +169,30 @@ class KFAC(CurvatureOptimizer):
     ) -> None:
         layers = find_layers(model, exclude)
         mine = {id(p) for g in self.param_groups for p in g["params"]}
+        named = dict(model.named_parameters())
+        fallback = {n: why for n, why in layers.fallback.items() if id(named[n]) in mine}
         self.blocks: dict[str, KroneckerBlock | DenseBlock] = {}
         for name, handler in layers.handlers.items():
-            if not any(id(p) in mine for p in handler.params):
+            optimized = [id(p) in mine for p in handler.params]
+            if not any(optimized):
+                continue
+            if not all(optimized):  # a block needs all of its parameters' gradients
+                reason = "only some of its parameters in the optimizer"
+                for pname, p in named.items():
+                    if id(p) in mine and any(p is q for q in handler.params):
+                        fallback[pname] = f"{type(handler.module).__name__} with {reason}"
                 continue
             block_type = self._block_type if isinstance(handler, KroneckerHandler) else DenseBlock
             self.blocks[name] = block_type(handler, self.state[handler.params[0]])
-        named = dict(model.named_parameters())
-        self.fallback = [named[n] for n in layers.fallback if id(named[n]) in mine]
+        self.fallback = [named[n] for n in fallback]
         self.excluded = {id(named[n]) for n in layers.excluded}
         if self.fallback:
             modules = sorted({f"{n.rsplit('.', 1)[0] or '<model>'} ({why})"
-                              for n, why in layers.fallback.items() if id(named[n]) in mine})
+                              for n, why in fallback.items()})
             self._warn_once(
                 "fallback",
                 f"{type(self).__name__}: no Kronecker-factored block for these modules; their "
-                f"parameters get a diagonal-Fisher update instead: {', '.join(modules)}",
+                f"parameters {self._fallback_effect}: {', '.join(modules)}",
             )
         handlers = {name: block.handler for name, block in self.blocks.items()}
         empirical = self.kind is FisherKind.EMPIRICAL

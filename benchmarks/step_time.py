@@ -1,0 +1,89 @@
+"""Median step time of KFAC and EKFAC as a ratio to Adam's, measured in the same run.
+
+    python benchmarks/step_time.py [--threads 1] [--steps 200] [--problems digits-mlp,...]
+
+For each problem, every configuration trains the same model on the same minibatches; the
+configurations take turns (round-robin, one block of steps each) so that machine noise hits
+them alike. A step is forward + backward + ``opt.step()`` including each optimizer's own
+work (statistics, inversions, the quadratic model). Configurations:
+
+* ``kfac-s1i10`` / ``ekfac-s1i10``: fixed lr 0.1, damping 0.1, statistics every step,
+  inverses every 10 (the issue's benchmark setting);
+* ``kfac`` / ``ekfac``: the defaults (automatic lr, momentum and damping, statistics every
+  5 steps, inverses every 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+import natgrad
+from natgrad.bench import PROBLEMS
+
+CONFIGS = {
+    "adam": lambda model, lik: torch.optim.Adam(model.parameters(), lr=3e-3),
+    "kfac-s1i10": lambda model, lik: natgrad.KFAC(
+        model, likelihood=lik, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
+    ),
+    "ekfac-s1i10": lambda model, lik: natgrad.EKFAC(
+        model, likelihood=lik, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
+    ),
+    "kfac": lambda model, lik: natgrad.KFAC(model, likelihood=lik),
+    "ekfac": lambda model, lik: natgrad.EKFAC(model, likelihood=lik),
+}
+
+
+def time_problem(name: str, steps: int, block: int) -> dict[str, float]:
+    problem = PROBLEMS[name]
+    data = problem.load(0)
+    gen = torch.Generator().manual_seed(0)
+    runs = {}
+    for config, build in CONFIGS.items():
+        torch.manual_seed(0)
+        model = problem.build_model()
+        runs[config] = (model, build(model, problem.likelihood), [])
+    x_all, y_all = data.x_train, data.y_train
+    for start in range(0, steps, block):
+        batches = [torch.randint(0, len(x_all), (problem.batch_size,), generator=gen)
+                   for _ in range(min(block, steps - start))]
+        for model, opt, times in runs.values():
+            for idx in batches:
+                x, y = x_all[idx], y_all[idx]
+                begin = time.perf_counter()
+                opt.zero_grad()
+                problem.loss(model(x), y).backward()
+                opt.step()
+                times.append(time.perf_counter() - begin)
+    warmup = min(20, steps // 5)
+    return {config: statistics.median(times[warmup:]) for config, (_, _, times) in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--problems", default="digits-mlp,digits-autoencoder")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    summary = {}
+    for name in args.problems.split(","):
+        medians = time_problem(name, args.steps, args.block)
+        print(f"{name} ({args.threads} thread(s), batch {PROBLEMS[name].batch_size})")
+        for config, seconds in medians.items():
+            ratio = seconds / medians["adam"]
+            print(f"  {config:<12} {seconds * 1000:7.2f} ms  {ratio:5.2f}x Adam")
+        summary[name] = {c: {"ms": s * 1000, "x_adam": s / medians["adam"]}
+                         for c, s in medians.items()}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""The KFAC optimizer's update, clipping, schedules and dtypes against independent formulas.
+
+References: Kronecker factors from per-sample autograd loops (tests/conftest.py), damped
+inverses by ``torch.linalg.solve``, the Fisher quadratic by an explicit ``torch.kron``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+from conftest import (
+    DTYPE,
+    FLOAT32_RTOL,
+    KL_CLIP_SLACK,
+    LIKELIHOODS,
+    RTOL_EXACT,
+    RTOL_STEP,
+    brute_force_fisher,
+    brute_force_kfac,
+    grad_matrix,
+    kron_full,
+    kronecker_layers,
+    make_embedding_model,
+    make_inputs,
+    make_model,
+    make_targets,
+    make_tokens,
+    mean_nll,
+    rel_err,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DAMPING = 1e-2
+
+
+def problem(arch: str, likelihood: str = "categorical", seed: int = 1):
+    if arch == "embed":
+        model, inputs = make_embedding_model(), make_tokens(seed=seed)
+    else:
+        model, inputs = make_model(arch), make_inputs(arch, seed=seed)
+    with torch.no_grad():
+        targets = make_targets(likelihood, model(inputs))
+    return model, inputs, targets
+
+
+def settings(likelihood="categorical", **options):
+    """Plain one-batch K-FAC: lr=1, no momentum, no clipping, this batch's empirical factors."""
+    base = dict(
+        lr=1.0, damping=DAMPING, momentum=0.0, kl_clip=None, kind="empirical", stat_decay=0.0,
+        inv_every=1, stat_every=1, likelihood=likelihood,
+    )
+    base.update(options)
+    return base
+
+
+def train_step(opt, model, inputs, targets, likelihood="categorical"):
+    opt.zero_grad()
+    loss = mean_nll(likelihood, model(inputs), targets)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def layer_changes(before: nn.Module, after: nn.Module) -> dict[str, torch.Tensor]:
+    """θ_after − θ_before of every Kronecker layer in natgrad's X layout."""
+    out = {}
+    for name, module in kronecker_layers(before).items():
+        new = after.get_submodule(name)
+        diffs = {
+            p: q.detach() - p.detach()
+            for p, q in zip(module.parameters(), new.parameters(), strict=True)
+        }
+        out[name] = grad_matrix(module, diffs)
+    return out
+
+
+def layer_grads(model: nn.Module, inputs, targets, likelihood="categorical"):
+    """X of every Kronecker layer for the batch-mean negative log-likelihood (autograd)."""
+    model.zero_grad()
+    mean_nll(likelihood, model(inputs), targets).backward()
+    grads = {
+        name: grad_matrix(m, {p: p.grad.clone() for p in m.parameters()})
+        for name, m in kronecker_layers(model).items()
+    }
+    model.zero_grad()
+    return grads
+
+
+def expected_direction(A: torch.Tensor, G: torch.Tensor, X: torch.Tensor, damping: float):
+    """(G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹ with π = √((tr A/dim A)/(tr G/dim G)), by solves."""
+    if A.dim() == 1:
+        A = torch.diag(A)
+    pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+    root = math.sqrt(damping)
+    eye_a, eye_g = torch.eye(A.shape[0], dtype=A.dtype), torch.eye(G.shape[0], dtype=G.dtype)
+    left = torch.linalg.solve(G + root / pi * eye_g, X)
+    return torch.linalg.solve(A + pi * root * eye_a, left.T).T  # A is symmetric
+
+
+# --- the update -----------------------------------------------------------------------------
+CASES = [("mlp", lik) for lik in LIKELIHOODS] + [
+    (arch, "categorical") for arch in ("mlp_nobias", "cnn", "seq", "embed")
+]
+
+
+@pytest.mark.parametrize(("arch", "likelihood"), CASES)
+def test_one_step_is_damped_kronecker_solve(arch, likelihood):
+    model, inputs, targets = problem(arch, likelihood)
+    before = copy.deepcopy(model)
+    factors = brute_force_kfac(before, inputs, likelihood, "empirical", targets)
+    grads = layer_grads(before, inputs, targets, likelihood)
+    opt = natgrad.KFAC(model, **settings(likelihood))
+    train_step(opt, model, inputs, targets, likelihood)
+    changes = layer_changes(before, model)
+    for name, (A, G) in factors.items():
+        state = opt.state[model.get_submodule(name).weight]
+        a_state = state["input_cov"]
+        assert rel_err(a_state, A.diagonal() if a_state.dim() == 1 else A) <= RTOL_EXACT, name
+        assert rel_err(state["grad_cov"], G) <= RTOL_EXACT, name
+        expected = -expected_direction(A, G, grads[name], DAMPING)
+        assert rel_err(changes[name], expected) <= RTOL_STEP, name
+
+
+def test_first_step_with_momentum_equals_plain_step():
+    """The momentum buffer starts at Δ, so the first step is −lr Δ whatever μ is."""
+    model, inputs, targets = problem("mlp")
+    plain, heavy = copy.deepcopy(model), copy.deepcopy(model)
+    train_step(natgrad.KFAC(plain, **settings()), plain, inputs, targets)
+    train_step(natgrad.KFAC(heavy, **settings(momentum=0.9)), heavy, inputs, targets)
+    for p, q in zip(plain.parameters(), heavy.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_decoupled_weight_decay_shrinks_before_the_step():
+    model, inputs, targets = problem("mlp")
+    plain, decayed = copy.deepcopy(model), copy.deepcopy(model)
+    lr, wd = 0.5, 0.1
+    train_step(natgrad.KFAC(plain, **settings(lr=lr)), plain, inputs, targets)
+    opt = natgrad.KFAC(decayed, **settings(lr=lr, weight_decay=wd, decoupled_weight_decay=True))
+    train_step(opt, decayed, inputs, targets)
+    for p0, p, q in zip(model.parameters(), plain.parameters(), decayed.parameters(), strict=True):
+        assert rel_err(q - p, -lr * wd * p0) <= RTOL_STEP
+
+
+# --- automatic step size ---------------------------------------------------------------------
+def flat_change(before: nn.Module, after: nn.Module) -> torch.Tensor:
+    return torch.cat([(q.detach() - p.detach()).reshape(-1)
+                      for p, q in zip(before.parameters(), after.parameters(), strict=True)])
+
+
+@pytest.mark.parametrize("opt_type", [natgrad.KFAC, natgrad.EKFAC])
+def test_auto_lr_minimises_the_exact_quadratic_model(opt_type):
+    """lr="auto", no momentum: the step −αΔ minimises M(−αΔ) = −α gᵀΔ + ½α² Δᵀ(F + λI)Δ
+    with F the exact batch Fisher, so α = gᵀΔ / Δᵀ(F + λI)Δ; Δ is the fixed-lr=1 step."""
+    model, inputs, targets = problem("mlp")
+    fixed, auto = copy.deepcopy(model), copy.deepcopy(model)
+    train_step(opt_type(fixed, **settings()), fixed, inputs, targets)
+    opt = opt_type(auto, **settings(lr="auto"))
+    train_step(opt, auto, inputs, targets)
+    direction = -flat_change(model, fixed)  # Δ
+    fisher = brute_force_fisher(model, inputs, "categorical")
+    g = torch.cat([p.grad.reshape(-1) for p in auto.parameters()])
+    curvature = direction @ fisher @ direction + DAMPING * direction @ direction
+    alpha = float(g @ direction / curvature)
+    assert opt.state["natgrad"]["alpha"] == pytest.approx(alpha, rel=RTOL_STEP)
+    assert rel_err(flat_change(model, auto), -alpha * direction) <= RTOL_STEP
+
+
+def test_auto_damping_follows_the_reduction_ratio():
+    """damping="auto" (lm_every=1): ρ = (J(θ+δ) − J(θ)) / M₀(δ) on the step's batch, with
+    M₀(δ) = ∇Jᵀδ + ½ δᵀFδ the undamped quadratic model (exact batch Fisher), and
+    λ ← λ·ω if ρ > ¾, λ/ω if ρ < ¼ (ω = 0.95^lm_every), from initial_damping."""
+    model, inputs, targets = problem("mlp")
+    after = copy.deepcopy(model)
+    opt = natgrad.KFAC(after, **settings(lr="auto", damping="auto", lm_every=1,
+                                          initial_damping=DAMPING))
+    train_step(opt, after, inputs, targets)
+    step = flat_change(model, after)
+    fisher = brute_force_fisher(model, inputs, "categorical")
+    g = torch.cat([p.grad.reshape(-1) for p in after.parameters()])
+    predicted = float(g @ step + 0.5 * step @ fisher @ step)
+    with torch.no_grad():
+        change = float(mean_nll("categorical", after(inputs), targets)
+                       - mean_nll("categorical", model(inputs), targets))
+    rho = change / predicted
+    state = opt.state["natgrad"]
+    assert state["rho"] == pytest.approx(rho, rel=1e-8)
+    omega = 0.95
+    expected = DAMPING * omega if rho > 0.75 else DAMPING / omega if rho < 0.25 else DAMPING
+    assert state["damping"] == pytest.approx(expected, rel=RTOL_EXACT)
+
+
+# --- KL clipping ----------------------------------------------------------------------------
+def block_quadratic(opt, model, changes) -> float:
+    """Σ_blocks vec(D)ᵀ F̂ vec(D) for the applied change D, F̂ = G ⊗ A (KFAC) or
+    Q diag(s) Qᵀ (EKFAC), by explicit Kronecker products."""
+    total = 0.0
+    for name, change in changes.items():
+        state = opt.state[model.get_submodule(name).weight]
+        if "scaling" in state:
+            q_in = state["eigvecs_in"]
+            q_in = torch.eye(state["input_cov"].shape[0], dtype=DTYPE) if q_in is None else q_in
+            q = torch.kron(state["eigvecs_out"].contiguous(), q_in.contiguous())
+            block = q @ torch.diag(state["scaling"].reshape(-1)) @ q.T
+        else:
+            block = kron_full(state["grad_cov"], state["input_cov"])
+        v = change.reshape(-1)
+        total += float(v @ block @ v)
+    return total
+
+
+@pytest.mark.parametrize("opt_type", [natgrad.KFAC, natgrad.EKFAC])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_kl_clip_bounds_the_applied_step(arch, opt_type):
+    """ν = min(1, √(kl_clip / (lr² vᵀF̂v))) makes the applied step's lr²vᵀF̂v = kl_clip when
+    active; with a huge bound nothing changes."""
+    model, inputs, targets = problem(arch)
+    kl_clip, lr = 1e-6, 0.5
+    runs = {}
+    for clip in (kl_clip, 1e6, None):
+        copy_ = copy.deepcopy(model)
+        opt = opt_type(copy_, **settings(lr=lr, kl_clip=clip))
+        train_step(opt, copy_, inputs, targets)
+        runs[clip] = (opt, copy_, layer_changes(model, copy_))
+    opt, clipped, changes = runs[kl_clip]
+    quadratic = block_quadratic(opt, clipped, changes)  # the change already carries lr
+    assert quadratic <= kl_clip * (1 + KL_CLIP_SLACK)
+    assert quadratic >= kl_clip * (1 - KL_CLIP_SLACK)  # active here (the step was large)
+    unclipped = runs[None][2]
+    nu = math.sqrt(kl_clip / block_quadratic(runs[None][0], runs[None][1], unclipped))
+    assert nu < 1
+    for name, change in changes.items():
+        assert rel_err(change, nu * unclipped[name]) <= RTOL_STEP
+        assert torch.equal(runs[1e6][2][name], unclipped[name])
+
+
+# --- inverse method and dtypes --------------------------------------------------------------
+def test_eigh_and_cholesky_give_the_same_updates():
+    model, inputs, targets = problem("cnn")
+    ends = {}
+    for method in ("cholesky", "eigh"):
+        copy_ = copy.deepcopy(model)
+        opt = natgrad.KFAC(
+            copy_, lr=0.3, damping=DAMPING, momentum=0.5, kind="true", inverse_method=method,
+            inv_every=2, stat_every=1, kl_clip=1e-2, seed=3,
+        )
+        for _ in range(3):
+            train_step(opt, copy_, inputs, targets)
+        ends[method] = layer_changes(model, copy_)
+    for name, change in ends["cholesky"].items():
+        assert rel_err(ends["eigh"][name], change) <= RTOL_STEP, name
+
+
+def float32_problem():
+    model, inputs, targets = problem("mlp")
+    return model.float(), inputs.float(), targets
+
+
+@pytest.mark.parametrize("opt_type", [natgrad.KFAC, natgrad.EKFAC])
+@pytest.mark.parametrize(
+    ("factor_dtype", "inverse_dtype", "want_factor", "want_inverse"),
+    [
+        (None, None, torch.float32, torch.float32),
+        (torch.float64, None, torch.float64, torch.float64),
+        (torch.float64, torch.float32, torch.float64, torch.float32),
+    ],
+)
+def test_factor_and_inverse_dtypes_are_honoured(
+    opt_type, factor_dtype, inverse_dtype, want_factor, want_inverse
+):
+    model, inputs, targets = float32_problem()
+    reference = copy.deepcopy(model).double()
+    opt = opt_type(
+        model, **settings(factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+    )
+    train_step(opt, model, inputs, targets)
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+               for p in model.parameters())
+    state = opt.state[model[0].weight]
+    assert state["input_cov"].dtype == want_factor and state["grad_cov"].dtype == want_factor
+    inverse_keys = ("eigvecs_in", "eigvecs_out") if opt_type is natgrad.EKFAC else (
+        "input_inv", "grad_inv")
+    for key in inverse_keys:
+        assert state[key].dtype == want_inverse, key
+    # layer 0 sees the (float32-exact) inputs: float64 factors are float64-accurate
+    A = brute_force_kfac(reference, inputs.double(), "categorical", "empirical", targets)["0"][0]
+    err = rel_err(state["input_cov"].double(), A)
+    assert err <= (RTOL_EXACT if want_factor == torch.float64 else FLOAT32_RTOL)
+
+
+# --- schedules ------------------------------------------------------------------------------
+def test_stat_every_and_inv_every_are_respected():
+    """stat_every=2, inv_every=3, stat_decay=½: the factors change on steps 0, 2, 4 (EMA of
+    those batches), the inverses on steps 0 and 3 (from the factors of that moment)."""
+    model = make_model("mlp")
+    batches = []
+    for k in range(6):
+        inputs = make_inputs("mlp", seed=10 + k)
+        with torch.no_grad():
+            batches.append((inputs, make_targets("categorical", model(inputs), seed=20 + k)))
+    opt = natgrad.KFAC(
+        model, **settings(lr=0.1, stat_every=2, inv_every=3, stat_decay=0.5)
+    )
+    state = opt.state[model[0].weight]
+    keys = ("input_cov", "grad_cov", "input_inv", "grad_inv")
+    history = []
+    for inputs, targets in batches:
+        train_step(opt, model, inputs, targets)
+        history.append({k: state[k].clone() for k in keys})
+    changed = lambda k, s: not torch.equal(history[s][k], history[s - 1][k])  # noqa: E731
+    for step in range(1, 6):
+        for key in ("input_cov", "grad_cov"):
+            assert changed(key, step) == (step % 2 == 0), (key, step)
+        for key in ("input_inv", "grad_inv"):
+            assert changed(key, step) == (step % 3 == 0), (key, step)
+    # layer 0's A depends on the inputs only: EMA of the batch values of steps 0, 2, 4
+    batch_a = []
+    for inputs, _ in batches:
+        rows = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=DTYPE)], dim=1)
+        batch_a.append(rows.T @ rows / len(inputs))
+    expected = 0.5 * (0.5 * batch_a[0] + 0.5 * batch_a[2]) + 0.5 * batch_a[4]
+    assert rel_err(history[5]["input_cov"], expected) <= RTOL_EXACT
+    # the inverse refreshed on step 3 uses the factors of step 2 with π-damping
+    A, G = history[3]["input_cov"], history[3]["grad_cov"]
+    pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+    root = math.sqrt(DAMPING)
+    eye = torch.eye(A.shape[0], dtype=DTYPE)
+    assert rel_err(history[3]["input_inv"], torch.linalg.inv(A + pi * root * eye)) <= RTOL_EXACT
+    eye = torch.eye(G.shape[0], dtype=DTYPE)
+    assert rel_err(history[3]["grad_inv"], torch.linalg.inv(G + root / pi * eye)) <= RTOL_EXACT
+    assert opt.state["natgrad"]["step"] == 6
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_gradient_accumulation_over_two_micro_batches(kind):
+    """Two forwards and backwards, one step: A is the full batch's A. With each micro-batch's
+    loss its own batch-mean NLL (the documented assumption), the empirical G is exact too."""
+    model, inputs, targets = problem("mlp")
+    reference = brute_force_kfac(copy.deepcopy(model), inputs, "categorical", "empirical",
+                                 targets)
+    opt = natgrad.KFAC(model, **settings(kind=kind))
+    opt.zero_grad()
+    for part in (slice(0, 2), slice(2, 6)):  # unequal micro-batches
+        mean_nll("categorical", model(inputs[part]), targets[part]).backward()
+    opt.step()
+    for name, (A, G) in reference.items():
+        state = opt.state[model.get_submodule(name).weight]
+        assert rel_err(state["input_cov"], A) <= RTOL_EXACT, name
+        if kind == "empirical":
+            assert rel_err(state["grad_cov"], G) <= RTOL_EXACT, name
+
+
+# --- which parameters -----------------------------------------------------------------------
+def test_params_subset_of_whole_layers():
+    """Only layer 2 is optimised: it alone gets a block, layer 0 does not move."""
+    model, inputs, targets = problem("mlp")
+    before = copy.deepcopy(model)
+    factors = brute_force_kfac(before, inputs, "categorical", "empirical", targets)
+    grads = layer_grads(before, inputs, targets)
+    opt = natgrad.KFAC(model, model[2].parameters(), **settings())
+    train_step(opt, model, inputs, targets)
+    assert list(opt.blocks) == ["2"]
+    changes = layer_changes(before, model)
+    assert torch.equal(changes["0"], torch.zeros_like(changes["0"]))
+    expected = -expected_direction(*factors["2"], grads["2"], DAMPING)
+    assert rel_err(changes["2"], expected) <= RTOL_STEP
+
+
+def test_layer_with_only_its_weight_in_params_is_not_silently_unpreconditioned():
+    """params holds a layer's weight but not its bias. Whatever the library chooses (a block
+    on the weight alone, or the fallback), it must not silently fall back to a plain
+    gradient step for a layer it reports as having a K-FAC block."""
+    model, inputs, targets = problem("mlp")
+    params = [model[0].weight, model[2].weight, model[2].bias]
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        opt = natgrad.KFAC(model, params, **settings(lr=0.5))
+        weight = model[0].weight.detach().clone()
+        opt.zero_grad()
+        mean_nll("categorical", model(inputs), targets).backward()
+        grad = model[0].weight.grad.clone()
+        opt.step()
+    plain = rel_err(model[0].weight.detach() - weight, -0.5 * grad) <= RTOL_STEP
+    assert not plain or records, (
+        f"layer 0 took a plain gradient step without a warning (blocks: {list(opt.blocks)})"
+    )
+
+
+# --- argument validation --------------------------------------------------------------------
+INVALID = [
+    (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(damping=0.0), ValueError, "damping"),
+    (dict(damping=float("nan")), ValueError, "damping"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(momentum=-0.1), ValueError, "momentum"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(stat_every=0), ValueError, "stat_every"),
+    (dict(inv_every=0), ValueError, "inv_every"),
+    (dict(inv_every=1.5), ValueError, "inv_every"),
+    (dict(stat_decay=1.0), ValueError, "stat_decay"),
+    (dict(kl_clip=0.0), ValueError, "kl_clip"),
+    (dict(mc_samples=0), ValueError, "mc_samples"),
+    (dict(kind="bogus"), ValueError, "kind"),
+    (dict(likelihood="bogus"), ValueError, "likelihood"),
+    (dict(inverse_method="x"), ValueError, "inverse_method"),
+    (dict(factor_dtype=int), TypeError, "factor_dtype"),
+    (dict(inverse_dtype=torch.int64), TypeError, "inverse_dtype"),
+    (dict(lr="fast"), ValueError, "lr"),
+    (dict(lm_every=0), ValueError, "lm_every"),
+    (dict(min_damping=0.0), ValueError, "min_damping"),
+    (dict(initial_damping=-1.0), ValueError, "initial_damping"),
+]
+
+
+@pytest.mark.parametrize("opt_type", [natgrad.KFAC, natgrad.EKFAC])
+@pytest.mark.parametrize(("kwargs", "error", "name"), INVALID, ids=[c[2] for c in INVALID])
+def test_invalid_arguments_name_the_argument(opt_type, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        opt_type(make_model("mlp"), **kwargs)
+
+
+def test_invalid_param_group_settings():
+    model = make_model("mlp")
+    opt = natgrad.KFAC(model, params=[{"params": model[0].parameters()}])
+    with pytest.raises(ValueError, match="damping"):
+        opt.add_param_group({"params": model[2].parameters(), "damping": -1.0})
+    with pytest.raises(ValueError, match="params"):
+        natgrad.KFAC(model, params=[nn.Parameter(torch.zeros(2))])
