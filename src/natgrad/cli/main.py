@@ -12,11 +12,11 @@ import argparse
 from collections.abc import Sequence
 from importlib import metadata
 
-from natgrad.cli import bench
+from natgrad.cli import bench, fisher
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (bench,)
+COMMANDS = (bench, fisher)
 
 DESCRIPTION = """\
 natgrad: natural-gradient optimizers for PyTorch (exact Fisher, K-FAC, EKFAC, matrix-free CG).
