@@ -62,6 +62,7 @@ REFERENCE = "adam"  # defines each problem's target loss; always run
 NGD_MAX_JACOBIAN = 2e6
 NGDCG_STEP_FRACTION = 0.1
 TUNED_FILE = "tuned.json"
+SOURCE_KEY = "source"  # added by load_tuned: the file read (None: no file, registry defaults)
 
 
 @dataclass(frozen=True)
@@ -222,29 +223,35 @@ def load_tuned(path: str | Path | None = None) -> dict[str, Any]:
         path: a file written by ``natgrad bench --tune``; None reads the one shipped with
             natgrad (``natgrad/bench/tuned.json``), or nothing if it is missing.
 
+    Returns:
+        The file's object plus ``"source"``: the path read, or None where no file was found
+        (every optimizer then runs with its registry ``defaults``).
+
     Raises:
         ValueError: if the file cannot be read or is not such a JSON object.
     """
     try:
         if path is None:
             resource = resources.files("natgrad.bench").joinpath(TUNED_FILE)
-            if not resource.is_file():
-                return {"values": {}}
-            text = resource.read_text(encoding="utf-8")
+            if not resource.is_file():  # e.g. a wheel built without package data
+                return {"values": {}, SOURCE_KEY: None}
+            text, source = resource.read_text(encoding="utf-8"), str(resource)
         else:
-            text = Path(path).read_text(encoding="utf-8")
+            text, source = Path(path).read_text(encoding="utf-8"), str(path)
         tuned = json.loads(text)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read tuned values from {path}: {err}") from err
     if not isinstance(tuned, dict) or not isinstance(tuned.get("values", {}), dict):
         raise ValueError(f"tuned values in {path} must be a JSON object with a 'values' object")
     tuned.setdefault("values", {})
+    tuned[SOURCE_KEY] = source
     return tuned
 
 
 def save_tuned(tuned: Mapping[str, Any], path: str | Path) -> Path:
     """Write tuned values as indented JSON (the format :func:`load_tuned` reads)."""
     path = Path(path)
+    tuned = {key: value for key, value in tuned.items() if key != SOURCE_KEY}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(tuned, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path

@@ -293,5 +293,6 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "problems": problems,
         "config": config.as_dict(),
         "environment": environment(config),
+        "tuned_values_file": tuned.get("source"),
         "wall_seconds": time.perf_counter() - start,
     }

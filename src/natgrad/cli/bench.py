@@ -32,7 +32,8 @@ learning rate) reaches at the end of its step budget in the same run; {REFERENCE
 therefore always run. Time to target counts only the optimizer steps (forward, backward,
 step), not the periodic evaluations. Every optimizer of a problem starts from the same
 weights and sees the same minibatches; a fixed --seed reproduces the losses on one machine
-(timings vary). The default run takes about three minutes on two CPU cores.
+(timings vary). The default run takes under five minutes on two CPU cores (--quick: under
+one minute).
 """
 
 
@@ -113,7 +114,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "JSON line are still printed)")
     parser.add_argument("--tune", action="store_true",
                         help="run every optimizer's hyper-parameter grid instead and write "
-                        "the chosen values to DIR/tuned.json (about 15 minutes)")
+                        "the chosen values to DIR/tuned.json (on 2 CPU cores: ~8 minutes for "
+                        "sgd,adam,adadelta,ngd; the K-FAC-type grids add ~30)")
     parser.add_argument("--tuned", type=Path, metavar="FILE",
                         help="read hyper-parameters from FILE (a tuned.json written by --tune) "
                         "instead of the one shipped with natgrad")

@@ -31,6 +31,7 @@ def supports_trace(model: nn.Module) -> bool:
         isinstance(model, nn.Sequential)
         and len(model) > 0
         and all(isinstance(m, (nn.Linear, *_ACTIVATIONS)) for m in model)
+        and all(m.start_dim >= 1 for m in model if isinstance(m, nn.Flatten))
         and any(isinstance(m, nn.Linear) for m in model)
     )
 
@@ -65,37 +66,50 @@ def sequential_jvp(
         The output tangents, one ``[N, ...]`` tensor per direction.
     """
     k = len(tangents)
-    current: Tensor | None = None  # stacked tangents [k, N, ...] of the running activation
+    current: Tensor | None = None  # the running activation's tangents, [N, k, ...]
     layer_input = inputs
     for module, output in zip(model, outputs, strict=True):
         if isinstance(module, nn.Linear):
-            parts = []
-            weight_dirs = [t.get(id(module.weight)) for t in tangents]
-            if any(w is not None for w in weight_dirs):
-                stacked = torch.cat([
-                    torch.zeros_like(module.weight) if w is None else w for w in weight_dirs
-                ])  # [k·d_out, d_in]: both directions in one matmul
-                local = (layer_input @ stacked.T).reshape(*layer_input.shape[:-1], k, -1)
-                parts.append(local.movedim(-2, 0))
-            if module.bias is not None:
-                bias_dirs = [t.get(id(module.bias)) for t in tangents]
-                if any(b is not None for b in bias_dirs):
-                    bias = torch.stack([
-                        torch.zeros_like(module.bias) if b is None else b for b in bias_dirs
-                    ])
-                    parts.append(bias.reshape(k, *([1] * (layer_input.dim() - 1)), -1))
-            if current is not None:
-                parts.append(current @ module.weight.detach().T)
-            current = sum(parts[1:], parts[0]) if parts else None
+            current = _linear_tangent(module, layer_input, current, tangents)
         elif isinstance(module, nn.Flatten):
-            if current is not None:
+            if current is not None:  # the k directions sit at dim 1
                 current = current.flatten(module.start_dim + 1, module.end_dim)
         elif current is not None:
             derivative = _derivative(module, output)
             if derivative is not None:
-                current = current * derivative
+                current = current * derivative.unsqueeze(1)
         layer_input = output
     if current is None:
         return [torch.zeros_like(outputs[-1]) for _ in range(k)]
-    current = current.expand(k, *outputs[-1].shape)
-    return list(current.unbind(0))
+    current = current.expand(outputs[-1].shape[0], k, *outputs[-1].shape[1:])
+    return [current[:, i] for i in range(k)]
+
+
+def _linear_tangent(
+    module: nn.Linear,
+    layer_input: Tensor,
+    current: Tensor | None,
+    tangents: Sequence[dict[int, Tensor]],
+) -> Tensor | None:
+    """t_out = t_in Wᵀ + ā Dᵀ (+ D_b) for k directions at once, layout ``[N, k, ..., d_out]``."""
+    k, d_out = len(tangents), module.out_features
+    total = None
+    weight_dirs = [t.get(id(module.weight)) for t in tangents]
+    if any(w is not None for w in weight_dirs):
+        stacked = torch.cat([
+            torch.zeros_like(module.weight) if w is None else w for w in weight_dirs
+        ])  # [k·d_out, d_in]: every direction in one matmul
+        local = (layer_input @ stacked.T).reshape(*layer_input.shape[:-1], k, d_out)
+        total = local if layer_input.dim() == 2 else local.movedim(-2, 1)
+    if module.bias is not None:
+        bias_dirs = [t.get(id(module.bias)) for t in tangents]
+        if any(b is not None for b in bias_dirs):
+            bias = torch.stack([
+                torch.zeros_like(module.bias) if b is None else b for b in bias_dirs
+            ]).reshape(1, k, *([1] * (layer_input.dim() - 2)), d_out)
+            total = bias if total is None else total + bias
+    if current is not None:  # 2-D matmul: [N·k·…, d_in] @ [d_in, d_out]
+        propagated = (current.reshape(-1, current.shape[-1]) @ module.weight.detach().T)
+        propagated = propagated.reshape(*current.shape[:-1], d_out)
+        total = propagated if total is None else total + propagated
+    return total

@@ -21,13 +21,14 @@ batch-mean negative log-likelihood of the optimizer's likelihood.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from natgrad.curvature.model import FunctionalModel
+from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.tangents import sequential_jvp
 from natgrad.layers.capture import ForwardRecord, batch_inputs
 from natgrad.likelihoods import Likelihood
@@ -41,8 +42,18 @@ __all__ = [
 ]
 
 
+Matrix2 = Sequence[Sequence[float]] | Tensor
+Vector2 = Sequence[float] | Tensor
+
+
+def _floats(curvature: Matrix2, linear: Vector2) -> tuple[list[list[float]], list[float]]:
+    c = curvature.tolist() if isinstance(curvature, Tensor) else curvature
+    g = linear.tolist() if isinstance(linear, Tensor) else linear
+    return [[float(v) for v in row] for row in c], [float(v) for v in g]
+
+
 def solve_coefficients(
-    curvature: Tensor, linear: Tensor, free: tuple[bool, bool], fixed: tuple[float, float]
+    curvature: Matrix2, linear: Vector2, free: tuple[bool, bool], fixed: tuple[float, float]
 ) -> tuple[float, float, float]:
     """Minimise q(c) = linearᵀc + ½ cᵀ curvature c over the free entries of c = (a, m).
 
@@ -57,34 +68,34 @@ def solve_coefficients(
         clearly positive definite, it beats a alone, a > 0 and |m| < 1; otherwise m = 0 and
         a is fitted alone. A non-positive curvature along d keeps a at its fixed value.
     """
-    c = curvature.double().cpu()
-    g = linear.double().cpu()
+    c, g = _floats(curvature, linear)
     a, m = fixed
     if free[0] and free[1]:
-        a_alone = -float(g[0]) / float(c[0, 0]) if float(c[0, 0]) > 0 else a
+        a_alone = -g[0] / c[0][0] if c[0][0] > 0 else a
         a, m = a_alone, 0.0
-        det = float(c[0, 0] * c[1, 1] - c[0, 1] * c[1, 0])
+        det = c[0][0] * c[1][1] - c[0][1] * c[1][0]
         # d and δ₀ must not be (numerically) parallel in the C-metric: the inputs carry the
         # model's precision, so demand a clearly positive determinant
-        if float(c[1, 1]) > 0 and det > 1e-4 * float(c[0, 0] * c[1, 1]):
-            sol = torch.linalg.solve(c, -g)
-            joint = (float(sol[0]), float(sol[1]))
+        if c[1][1] > 0 and det > 1e-4 * c[0][0] * c[1][1]:
+            joint = ((c[0][1] * g[1] - c[1][1] * g[0]) / det,  # C c = −g by Cramer's rule
+                     (c[1][0] * g[0] - c[0][0] * g[1]) / det)
             better = quadratic_value(c, g, *joint) <= quadratic_value(c, g, a_alone, 0.0)
             if better and abs(joint[1]) < 1.0 and joint[0] > 0:
                 a, m = joint
     elif free[0]:
-        if float(c[0, 0]) > 0:
-            a = -(float(g[0]) + m * float(c[0, 1])) / float(c[0, 0])
+        if c[0][0] > 0:
+            a = -(g[0] + m * c[0][1]) / c[0][0]
     elif free[1]:
-        m = -(float(g[1]) + a * float(c[0, 1])) / float(c[1, 1]) if float(c[1, 1]) > 0 else 0.0
+        m = -(g[1] + a * c[0][1]) / c[1][1] if c[1][1] > 0 else 0.0
         m = min(max(m, -1.0), 1.0)
-    return a, m, quadratic_value(curvature, linear, a, m)
+    return a, m, quadratic_value(c, g, a, m)
 
 
-def quadratic_value(curvature: Tensor, linear: Tensor, a: float, m: float) -> float:
+def quadratic_value(curvature: Matrix2, linear: Vector2, a: float, m: float) -> float:
     """q(a, m) = linearᵀc + ½ cᵀ curvature c for c = (a, m)."""
-    coef = torch.tensor([a, m], dtype=torch.float64)
-    return float(linear.double().cpu() @ coef + 0.5 * coef @ curvature.double().cpu() @ coef)
+    c, g = _floats(curvature, linear)
+    quad = c[0][0] * a * a + (c[0][1] + c[1][0]) * a * m + c[1][1] * m * m
+    return g[0] * a + g[1] * m + 0.5 * quad
 
 
 def lm_update(
@@ -172,25 +183,24 @@ class QuadraticControl:
         def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space
             return (u * self.likelihood.fisher_matvec(outputs, w)).sum() / n
 
-        def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-            return sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
-
-        ju = products[0]
-        # curvature = fisher + (λ + η)·norms, with the 2×2 Gram matrices in both metrics
-        fisher = torch.zeros(2, 2, dtype=torch.float64)
-        norms = torch.zeros(2, 2, dtype=torch.float64)
-        linear = torch.zeros(2, dtype=torch.float64)
-        fisher[0, 0], norms[0, 0] = fisher_dot(ju, ju), dot(descent, descent)
-        linear[0] = dot(grads, descent)
+        flat_d, flat_g = flatten(descent), flatten(grads)
+        terms = [fisher_dot(products[0], products[0]), flat_d @ flat_d, flat_g @ flat_d]
         if use_momentum:
-            jw = products[1]
-            fisher[0, 1] = fisher[1, 0] = fisher_dot(ju, jw)
-            norms[0, 1] = norms[1, 0] = dot(descent, previous)
-            fisher[1, 1], norms[1, 1] = fisher_dot(jw, jw), dot(previous, previous)
-            linear[1] = dot(grads, previous)
-        curvature = fisher + (damping + weight_decay) * norms
-        if not bool(torch.isfinite(curvature).all() and torch.isfinite(linear).all()):
+            flat_p = flatten(previous)
+            terms += [fisher_dot(products[0], products[1]), flat_d @ flat_p,
+                      fisher_dot(products[1], products[1]), flat_p @ flat_p, flat_g @ flat_p]
+        values = torch.stack([t.double() for t in terms]).tolist()  # one sync
+        if not all(math.isfinite(v) for v in values):
             return None
+        values += [0.0] * (8 - len(values))
+        f00, n00, g0, f01, n01, f11, n11, g1 = values
+        # curvature = fisher + (λ + η)·norms, with the 2×2 Gram matrices in both metrics
+        fisher = [[f00, f01], [f01, f11]]
+        norms = [[n00, n01], [n01, n11]]
+        linear = [g0, g1]
+        shift = damping + weight_decay
+        curvature = [[f + shift * v for f, v in zip(fr, nr, strict=True)]
+                     for fr, nr in zip(fisher, norms, strict=True)]
         free = (self.settings.lr, self.settings.momentum and use_momentum)
         a, m, _ = solve_coefficients(
             curvature, linear, free, (fixed[0], fixed[1] if use_momentum else 0.0)
@@ -203,7 +213,9 @@ class QuadraticControl:
             update = [u + m * p for u, p in zip(update, previous, strict=True)]
         # ρ compares the loss with the *undamped* model (Martens 2010; kfac-jax does the same):
         # damping is the knob being adapted, not part of the objective
-        predicted = quadratic_value(fisher + weight_decay * norms, linear, a, m)
+        undamped = [[f + weight_decay * v for f, v in zip(fr, nr, strict=True)]
+                    for fr, nr in zip(fisher, norms, strict=True)]
+        predicted = quadratic_value(undamped, linear, a, m)
         info = {"alpha": a, "mu": m, "predicted_change": predicted}
         return update, info
 
