@@ -9,6 +9,7 @@ still alive. Hooks are removed by :meth:`LayerCapture.remove` or on leaving the 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class ForwardRecord:
     output: Tensor | None = None  # detached, set when the backward reaches it
     output_grad: Tensor | None = None  # ∂loss/∂output
     stats: bool = False  # recorded on a statistics step (layer calls were captured)
+    attached_output: Tensor | None = None  # the output with its graph, until backward
     trace: list[Tensor] | None = None  # outputs of a Sequential model's children
     used: bool = False
     sampled_param_grads: list[list[Tensor]] = field(default_factory=list)
@@ -169,7 +171,8 @@ class LayerCapture:
                 return
             call = Call(args[0].detach(), output)
             if self._grad_hooks and output.requires_grad:
-                output.register_hook(lambda grad: call.grads.append(grad.detach()))
+                grads = call.grads  # the hook must not reach `output` itself (see _model_hook)
+                output.register_hook(lambda grad: grads.append(grad.detach()))
             self._current.setdefault(name, []).append(call)
 
         return hook
@@ -193,10 +196,18 @@ class LayerCapture:
         record = ForwardRecord(inputs, calls, out.shape[0], stats=self.active, trace=trace)
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
-        out.register_hook(lambda grad: self._reached(record, out, grad))
+        record.attached_output = out
+        # A hook that refers to its own tensor (directly or through the record or this
+        # capture) makes a cycle through autograd's C++ graph that Python's garbage collector
+        # cannot break: every step's graph and activations would leak. Weak references only.
+        capture_ref, record_ref = weakref.ref(self), weakref.ref(record)
+        out.register_hook(lambda grad: _reached(capture_ref, record_ref, grad))
 
-    def _reached(self, record: ForwardRecord, out: Tensor, grad: Tensor) -> None:
+    def _reached(self, record: ForwardRecord, grad: Tensor) -> None:
         if self._in_backward:  # our own re-entrant backward passes through here too
+            return
+        out, record.attached_output = record.attached_output, None
+        if out is None:
             return
         record.used = True
         record.output, record.output_grad = out.detach(), grad.detach()
@@ -234,6 +245,14 @@ class LayerCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _reached(
+    capture_ref: weakref.ref[LayerCapture], record_ref: weakref.ref[ForwardRecord], grad: Tensor
+) -> None:
+    capture, record = capture_ref(), record_ref()
+    if capture is not None and record is not None:
+        capture._reached(record, grad)
 
 
 def batch_inputs(records: list[ForwardRecord]) -> tuple[Tensor, ...]:

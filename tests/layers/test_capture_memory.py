@@ -1,0 +1,63 @@
+"""The optimizers' hooks must not keep a step's graph alive (no reference cycles)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+
+FACTORIES = {
+    "kfac-true": lambda m: natgrad.KFAC(m, stat_every=1),
+    "kfac-empirical": lambda m: natgrad.KFAC(m, kind="empirical", stat_every=1),
+    "ekfac": lambda m: natgrad.EKFAC(m, stat_every=1),
+    "ngd": lambda m: natgrad.NaturalGradient(m, lr="auto", damping="auto"),
+    "ngdcg": lambda m: natgrad.NGDCG(m, preconditioner="diagonal"),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_outputs_and_graphs_are_freed_without_the_garbage_collector(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = FACTORIES[name](model)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(3):
+            opt.zero_grad()
+            out = model(x)
+            refs.append(weakref.ref(out))
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            del out
+        with torch.no_grad():  # an evaluation forward must not be kept either
+            model(x)
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
+def test_unused_forward_is_released_at_the_next_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = natgrad.KFAC(model, stat_every=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    gc.disable()
+    try:
+        stray = model(x)  # a forward with gradients that is never backpropagated
+        ref = weakref.ref(stray)
+        del stray
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert ref() is None
+    finally:
+        gc.enable()
