@@ -12,11 +12,11 @@ import argparse
 from collections.abc import Sequence
 from importlib import metadata
 
-from natgrad.cli import bench, fisher
+from natgrad.cli import bench, fisher, train
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (bench, fisher)
+COMMANDS = (bench, fisher, train)
 
 DESCRIPTION = """\
 natgrad: natural-gradient optimizers for PyTorch (exact Fisher, K-FAC, EKFAC, matrix-free CG).

@@ -1,1 +1,30 @@
-"""natgrad.distributed."""
+"""Data-parallel natgrad on ``torch.distributed``: communicator, placement, K-FAC exchange.
+
+Everything here is a no-op without an initialised process group or at world size 1.
+
+Modules: ``comm`` (:class:`Communicator`: bucketed all-reduce and broadcast, byte counts),
+``placement`` (which rank computes which inverse), ``kfac`` (what K-FAC exchanges),
+``checkpoint`` (checkpoints that load on any world size) and ``launch`` (process groups
+from ``torchrun``'s environment or ``torch.multiprocessing``).
+"""
+
+from natgrad.distributed.comm import Communicator, count_ddp_bytes, mean_operator, unwrap_model
+from natgrad.distributed.kfac import FactorSync
+from natgrad.distributed.placement import (
+    PLACEMENTS,
+    balanced_placement,
+    block_cost,
+    rank_loads,
+)
+
+__all__ = [
+    "PLACEMENTS",
+    "Communicator",
+    "FactorSync",
+    "balanced_placement",
+    "block_cost",
+    "count_ddp_bytes",
+    "mean_operator",
+    "rank_loads",
+    "unwrap_model",
+]

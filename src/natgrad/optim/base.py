@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad.curvature.model import FunctionalModel
+from natgrad.distributed.comm import Communicator, unwrap_model
 from natgrad.layers.capture import ForwardRecord, LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.optim.control import AutoSettings, QuadraticControl, lm_update
@@ -94,8 +95,12 @@ class CurvatureOptimizer(Optimizer):
 
     Subclasses call ``super().__init__`` with the model, the user's ``params`` (or None for
     all of the model's trainable parameters) and the defaults, then implement
-    :meth:`_precondition`.
+    :meth:`_precondition`. A ``DistributedDataParallel`` model is unwrapped. Subclasses that
+    keep ranks in lockstep under data parallelism set :attr:`data_parallel`; their quadratic
+    model then averages its batch terms over the ranks of ``process_group``.
     """
+
+    data_parallel = False  # communicates through self._comm so that ranks stay identical
 
     def __init__(
         self,
@@ -107,6 +112,7 @@ class CurvatureOptimizer(Optimizer):
         lm_every: int = 5,
         min_damping: float = 1e-5,
         initial_damping: float = INITIAL_DAMPING,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -137,13 +143,28 @@ class CurvatureOptimizer(Optimizer):
         for group in self.param_groups:
             if any(id(p) not in model_params for p in group["params"]):
                 raise ValueError("params must be parameters of model")
-        self.model = model
+        self.model = unwrap_model(model)
         self.likelihood = likelihood
         self.output_fn = output_fn
-        self._control = QuadraticControl(self.auto, likelihood)
+        self._comm = Communicator(process_group)
+        self._control = QuadraticControl(
+            self.auto, likelihood, self._comm if self.data_parallel else None
+        )
         self._records: list[ForwardRecord] = []
         self._capture: LayerCapture  # set by subclasses: what they need to see of forwards
         self._warned: set[str] = set()
+        if self._comm.active and not self.data_parallel:
+            self._warn_once(
+                "data_parallel",
+                f"{type(self).__name__} preconditions with this process's batch only: under "
+                "DistributedDataParallel the ranks' parameters drift apart (KFAC, EKFAC and "
+                "NGDCG support data parallelism)",
+            )
+
+    @property
+    def communicator(self) -> Communicator:
+        """The data-parallel communicator (its ``bytes`` and ``calls`` count the traffic)."""
+        return self._comm
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.products import conjugate_gradient, fisher_operator
 from natgrad.curvature.tangents import supports_trace
+from natgrad.distributed.comm import mean_operator
 from natgrad.layers.capture import LayerCapture, batch_inputs
 from natgrad.likelihoods import Likelihood
 from natgrad.optim.base import check_choice, check_positive
@@ -30,13 +31,15 @@ class NGDCG(KFAC):
     residual ``cg_tol``. The CG is preconditioned by K-FAC (``preconditioner="kfac"``), by
     the diagonal Fisher (``"diagonal"``, estimated from sampled-label gradients) or not at
     all (``"none"``). By default lr, momentum and damping are automatic (quadratic model and
-    Levenberg–Marquardt, see :mod:`natgrad.optim.control`).
+    Levenberg–Marquardt, see :mod:`natgrad.optim.control`). Data parallel as
+    :class:`natgrad.KFAC`, and each Fisher-vector product of CG is averaged over the ranks'
+    batches (one all-reduce per CG iteration), so every rank solves the same system.
 
     Args:
         model, params, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
-        decoupled_weight_decay: as in :class:`natgrad.KFAC` (statistics serve the
-        preconditioner only).
+        decoupled_weight_decay, inverse_placement, process_group: as in
+        :class:`natgrad.KFAC` (statistics serve the preconditioner only).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings (defaults 1,
             0.1 and 1.0: the exact batch Fisher has rank ≤ N·C, and with less damping the
             step fits the batch and fails on the next, as for NaturalGradient).
@@ -125,9 +128,10 @@ class NGDCG(KFAC):
         if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
             shift += first["weight_decay"]
         with self._capture.paused():
-            fisher = fisher_operator(
-                fmodel, batch_inputs(self._records), self.likelihood, frozen_buffers=True
-            )
+            inputs = batch_inputs(self._records)
+            fisher = fisher_operator(fmodel, inputs, self.likelihood, frozen_buffers=True)
+            # data parallel: F v of the ranks' batches together (one all-reduce per product)
+            fisher = mean_operator(self._comm, fisher, inputs[0].shape[0])
 
             def matvec(v: Tensor) -> Tensor:  # (F + λI) v
                 return fisher(v) + shift * v

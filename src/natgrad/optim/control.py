@@ -16,6 +16,11 @@ J(θ+δ) needs the batch's targets, which the optimizer never sees: they are rec
 exactly from the loss's gradient with respect to the model's output (see
 :meth:`natgrad.likelihoods.Likelihood.targets_from_grad`), assuming the loss is the
 batch-mean negative log-likelihood of the optimizer's likelihood.
+
+Data parallel: given a :class:`natgrad.distributed.Communicator`, the batch terms (the
+Fisher's 2×2 Gram matrix, the loss change) are averaged over the ranks' batches, weighted by
+their sizes, before anything is decided, so every rank picks the same (a, m, λ): those of
+the concatenated batch. The gradient terms need no exchange (DDP has averaged the gradient).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.tangents import sequential_jvp
+from natgrad.distributed.comm import Communicator
 from natgrad.layers.capture import ForwardRecord, batch_inputs
 from natgrad.likelihoods import Likelihood
 
@@ -149,11 +155,21 @@ def _jvps(
 
 
 class QuadraticControl:
-    """Chooses (a, m) on the quadratic model and adapts the damping (see module doc)."""
+    """Chooses (a, m) on the quadratic model and adapts the damping (see module doc).
 
-    def __init__(self, settings: AutoSettings, likelihood: Likelihood) -> None:
+    ``comm``: averages the batch terms over data-parallel ranks (None: this batch only).
+    """
+
+    def __init__(
+        self, settings: AutoSettings, likelihood: Likelihood, comm: Communicator | None = None
+    ) -> None:
         self.settings = settings
         self.likelihood = likelihood
+        self.comm = comm
+
+    @property
+    def _distributed(self) -> bool:
+        return self.comm is not None and self.comm.active
 
     def updates(
         self,
@@ -189,7 +205,13 @@ class QuadraticControl:
             flat_p = flatten(previous)
             terms += [fisher_dot(products[0], products[1]), flat_d @ flat_p,
                       fisher_dot(products[1], products[1]), flat_p @ flat_p, flat_g @ flat_p]
-        values = torch.stack([t.double() for t in terms]).tolist()  # one sync
+        stacked = torch.stack([t.double() for t in terms])
+        if self._distributed:  # the Fisher terms of the ranks' batches together
+            fisher_terms = [0, 3, 5] if use_momentum else [0]
+            local = torch.cat([stacked[fisher_terms] * n, stacked.new_tensor([n])])
+            self.comm.all_reduce([local])
+            stacked[fisher_terms] = local[:-1] / local[-1]
+        values = stacked.tolist()  # one sync
         if not all(math.isfinite(v) for v in values):
             return None
         values += [0.0] * (8 - len(values))
@@ -237,5 +259,12 @@ class QuadraticControl:
             before.append(self.likelihood.cross_entropy(record.output, y))
         outputs = fmodel.frozen_forward(batch_inputs(records))
         after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
-        change = float(after.mean() - torch.cat(before).mean()) + penalty_change
+        if self._distributed:  # the mean change over the ranks' batches together
+            before_all = torch.cat(before)
+            sums = torch.stack([(after.sum() - before_all.sum()).double(),
+                                after.new_tensor(after.numel(), dtype=torch.float64)])
+            self.comm.all_reduce([sums])
+            change = float(sums[0] / sums[1]) + penalty_change
+        else:
+            change = float(after.mean() - torch.cat(before).mean()) + penalty_change
         return change / predicted

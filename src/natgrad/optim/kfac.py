@@ -13,6 +13,8 @@ from natgrad.curvature.ekfac import EigenBlock, scaling_sum
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, record_sums
 from natgrad.curvature.model import FisherKind, check_kind
 from natgrad.curvature.tangents import supports_trace
+from natgrad.distributed.kfac import FactorSync
+from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import ForwardRecord, LayerCapture, find_layers
 from natgrad.likelihoods import Likelihood, get_likelihood
@@ -58,6 +60,17 @@ class KFAC(CurvatureOptimizer):
     update is θ ← θ − lr (μ buf + ν Δ) with momentum μ and KL clipping
     ν = min(1, √(kl_clip / (lr² Δᵀ F Δ))) (Ba et al. 2017, with K-FAC's F).
 
+    Data parallel (``torch.distributed``, e.g. under ``DistributedDataParallel``; see
+    :mod:`natgrad.distributed`): construct the optimizer on every rank after
+    ``init_process_group``, from the model or its DDP wrapper, and run the usual loop with
+    each rank's loss the mean over its own batch. Each statistics step sums the ranks'
+    statistics in one bucketed all-reduce, so the factors are those of the concatenated
+    batch; each inverse is computed on one rank (``inverse_placement``) and broadcast; the
+    quadratic model (``"auto"`` settings) averages its batch terms over the ranks. Every rank
+    then takes the same step: parameters stay identical, and the run matches one process
+    on the concatenated batch up to rounding. Labels for the true Fisher are drawn with
+    ``seed + rank``. Without a process group, or at world size 1, nothing is communicated.
+
     Args:
         model: the module being trained.
         params: parameters or param groups (default: all trainable parameters); groups may
@@ -86,6 +99,12 @@ class KFAC(CurvatureOptimizer):
         seed: seeds label sampling (its RNG state is in ``state_dict``).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings for
             ``damping="auto"``: steps between adjustments, floor, starting value.
+        inverse_placement: under data parallelism, ``"balanced"`` computes each block's
+            inverse (or eigenbasis) on one rank, chosen to balance the cost Σ d³ per rank,
+            and broadcasts it; ``"everywhere"`` computes every inverse on every rank and
+            broadcasts nothing (W-fold compute, no inverse traffic). Ignored on one process.
+        process_group: the ``torch.distributed`` group of the data-parallel ranks (default:
+            the default group, if one is initialised).
 
     Example:
         >>> opt = natgrad.KFAC(model, likelihood="categorical")  # automatic lr, momentum, damping
@@ -95,9 +114,11 @@ class KFAC(CurvatureOptimizer):
         Martens & Grosse, Optimizing neural networks with Kronecker-factored approximate
         curvature, 2015. Grosse & Martens, A Kronecker-factored approximate Fisher matrix for
         convolution layers, 2016. Ba, Grosse & Martens, Distributed second-order optimization
-        using Kronecker-factored approximations, 2017.
+        using Kronecker-factored approximations, 2017. Pauloski et al., KAISA: an adaptive
+        second-order optimizer framework for deep neural networks, 2021.
     """
 
+    data_parallel = True
     _block_type: type[KroneckerBlock] = KroneckerBlock
     _fallback_effect = "get a diagonal-Fisher update instead"
 
@@ -127,6 +148,8 @@ class KFAC(CurvatureOptimizer):
         lm_every: int = 5,
         min_damping: float = 1e-5,
         initial_damping: float = 1e-2,
+        inverse_placement: str = "balanced",
+        process_group: Any = None,
     ) -> None:
         likelihood = get_likelihood(likelihood)
         kind = check_choice("kind", kind, ("true", "mc", "empirical"))
@@ -144,6 +167,7 @@ class KFAC(CurvatureOptimizer):
             if dtype not in _DTYPES:
                 raise TypeError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
         self.stat_every, self.inv_every, self.stat_decay = stat_every, inv_every, stat_decay
+        placement = check_choice("inverse_placement", inverse_placement, PLACEMENTS)
         self.kl_clip = kl_clip
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
@@ -151,16 +175,17 @@ class KFAC(CurvatureOptimizer):
         )
         super().__init__(
             model, params, defaults, likelihood, output_fn, lm_every, min_damping,
-            initial_damping,
+            initial_damping, process_group,
         )
+        self._sync = FactorSync(self._comm, placement)
         if self.auto.lr:
             self.kl_clip = None  # the quadratic model bounds the step instead
         ref = self.param_groups[0]["params"][0]
         self.factor_dtype = factor_dtype or ref.dtype
         self.inverse_dtype = inverse_dtype or self.factor_dtype
-        self._setup_layers(model, exclude, output_fn)
+        self._setup_layers(self.model, exclude, output_fn)
         self._generator = torch.Generator(device=ref.device)
-        self._generator.manual_seed(seed)
+        self._generator.manual_seed(seed + self._comm.rank)  # ranks draw different labels
         self._sync_capture()
 
     # --- set-up -----------------------------------------------------------------------------
@@ -209,6 +234,8 @@ class KFAC(CurvatureOptimizer):
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         self.global_state["rng_state"] = self._generator.get_state()
+        if self._comm.active:
+            self.global_state["rng_rank"] = self._comm.rank  # whose label stream it is
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -218,6 +245,14 @@ class KFAC(CurvatureOptimizer):
         rng = self.global_state.get("rng_state")
         if rng is not None:
             self._generator.set_state(rng.cpu())
+            rank = self._comm.rank
+            if self.global_state.get("rng_rank", 0) != rank:
+                # another rank's stream (a checkpoint written by rank 0): fork a stream of
+                # this rank's own from it, so that ranks keep drawing different labels
+                start = torch.randint(2**62, (1,), generator=self._generator,
+                                      device=self._generator.device)
+                self._generator.manual_seed(int(start) + rank)
+                self.global_state["rng_rank"] = rank
         self._sync_capture()
 
     # --- statistics -------------------------------------------------------------------------
@@ -259,7 +294,10 @@ class KFAC(CurvatureOptimizer):
                     )
             if sums.samples:
                 new[name] = sums
-        diag = self._fallback_diagonal(records, grads)
+        if self._sync.active:
+            new, diag = self._reduce_statistics(records, grads, new)
+        else:
+            diag = self._fallback_diagonal(records, grads)
         values = [s.input_sum for s in new.values() if s.input_sum is not None]
         values += [s.grad_sum for s in new.values()] + list(diag.values())
         if not all_finite(values):
@@ -274,13 +312,34 @@ class KFAC(CurvatureOptimizer):
             )
         return True
 
+    def _reduce_statistics(
+        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor],
+        new: dict[str, FactorSums],
+    ) -> tuple[dict[str, FactorSums], dict[Tensor, Tensor]]:
+        """The statistics of every rank's batch together (one bucketed all-reduce) and the
+        fallback diagonal normalised by the total number of samples N."""
+        empirical = self.kind is FisherKind.EMPIRICAL
+        # sampled-label diagonal: reduce the sums Σ g² (normaliser 1), divide by N after;
+        # the empirical one comes from the already all-reduced gradient and N alone
+        local = {} if empirical else self._fallback_diagonal(records, grads, samples=1)
+        params = [] if empirical else [p for p in self.fallback if p in grads]
+        new, diag, total = self._sync.reduce_statistics(
+            self.blocks, new, local, params, sum(r.batch_size for r in records),
+            self.factor_dtype,
+        )
+        if empirical:
+            return new, self._fallback_diagonal(records, grads, samples=total)
+        return new, {p: value / total for p, value in diag.items()}
+
     def _fallback_diagonal(
-        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor]
+        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor],
+        samples: int | None = None,
     ) -> dict[Tensor, Tensor]:
-        """diag F ≈ E[ĝ²]/N with ĝ the batch-summed sampled-label gradient (unbiased)."""
+        """diag F ≈ E[ĝ²]/N with ĝ the batch-summed sampled-label gradient (unbiased);
+        N = ``samples`` if given, else the records' batch sizes summed."""
         if not self.fallback or not records:
             return {}
-        n = sum(r.batch_size for r in records)
+        n = sum(r.batch_size for r in records) if samples is None else samples
         if self.kind is FisherKind.EMPIRICAL:
             return {p: (grads[p] * n).square() / n for p in self.fallback if p in grads}
         out: dict[Tensor, Tensor] = {}
@@ -297,10 +356,16 @@ class KFAC(CurvatureOptimizer):
 
     # --- the update ---------------------------------------------------------------------------
     def _refresh(self, groups: dict[int, dict[str, Any]]) -> None:
+        def refresh(block: KroneckerBlock | DenseBlock) -> None:
+            damping = self.damping_of(groups[id(block.handler.params[0])])
+            block.refresh(damping, self.inverse_method, self.inverse_dtype)
+
+        if self._sync.active:  # on the owners, then broadcast (see inverse_placement)
+            self._sync.refresh(self.blocks, refresh, self.inverse_dtype)
+            return
         for block in self.blocks.values():
             if block.ready:
-                damping = self.damping_of(groups[id(block.handler.params[0])])
-                block.refresh(damping, self.inverse_method, self.inverse_dtype)
+                refresh(block)
 
     def _update_curvature(self, grads: dict[Tensor, Tensor]) -> bool:
         """Statistics (on statistics steps) and refreshes (every ``inv_every`` steps).
@@ -390,6 +455,7 @@ class EKFAC(KFAC):
     _block_type = EigenBlock
 
     def _extra_statistics(self, records: list[ForwardRecord]) -> None:
+        parts: dict[str, tuple[Tensor | None, int]] = {}
         for name, block in self.blocks.items():
             if not isinstance(block, EigenBlock) or not block.refreshed:
                 continue
@@ -403,5 +469,9 @@ class EKFAC(KFAC):
                 )
                 total = part if total is None else total + part
                 samples += record.batch_size
+            parts[name] = (total, samples)
+        if self._sync.active:  # the scaling of every rank's batch together
+            parts = self._sync.reduce_scaling(self.blocks, parts)
+        for name, (total, samples) in parts.items():
             if total is not None:
-                block.update_scaling(total, samples, self.stat_decay)
+                self.blocks[name].update_scaling(total, samples, self.stat_decay)

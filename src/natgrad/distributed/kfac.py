@@ -1,0 +1,230 @@
+"""What data-parallel K-FAC exchanges between ranks: statistics, inverses, EKFAC's scaling.
+
+Under ``DistributedDataParallel`` every rank sees its own part of the global batch. K-FAC's
+statistics are *sums* over samples (Σ āāᵀ, Σ δδᵀ, Σ g², Σ (Q_Gᵀ Xₙ Q_A)²) with sample
+counts beside them, so summing them over ranks (one bucketed all-reduce per statistics step)
+gives exactly the statistics of the concatenated batch; every rank then folds the same sums
+into the same moving averages. Inverses (or eigenbases) are computed once per block, by the
+rank that :func:`natgrad.distributed.placement.balanced_placement` assigns it, and broadcast
+(one broadcast per owning rank, bucketed); ``inverse_placement="everywhere"`` computes every
+block on every rank instead. Either way every rank ends a refresh with all inverses, so each
+preconditions the (all-reduced) gradient itself and the parameters stay identical.
+
+References:
+    Osawa et al., Large-scale distributed second-order optimization using
+    Kronecker-factored approximate curvature for deep convolutional neural networks, 2019.
+    Pauloski et al., KAISA: an adaptive second-order optimizer framework for deep neural
+    networks, 2021.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from natgrad.curvature.ekfac import EigenBlock
+from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock
+from natgrad.distributed.comm import Communicator
+from natgrad.distributed.placement import PLACEMENTS, balanced_placement, block_cost
+from natgrad.layers.base import KroneckerHandler, LayerHandler
+
+__all__ = ["FactorSync", "refresh_layout", "statistic_shapes"]
+
+Block = KroneckerBlock | DenseBlock
+Shape = tuple[int, ...]
+
+
+def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
+    """Shapes of a block's statistic sums: (Σ āāᵀ or None for dense blocks, Σ δδᵀ or Σ ggᵀ).
+
+    Read off the layer's gradient matrix X, ``[d_out, d_in]``: ``(d_in, d_in)`` (``(d_in,)``
+    for a diagonal input factor) and ``(d_out, d_out)``; a dense block of P parameters has
+    no input factor and a ``(P, P)`` sum.
+    """
+    with torch.no_grad():
+        matrix = handler.gather({p: p for p in handler.params})
+    if isinstance(handler, KroneckerHandler):
+        d_out, d_in = matrix.shape
+        return ((d_in,) if handler.diagonal_input else (d_in, d_in)), (d_out, d_out)
+    return None, (matrix.numel(), matrix.numel())
+
+
+def refresh_layout(block: Block) -> dict[str, Shape | None]:
+    """State keys a block's ``refresh`` writes and their shapes (None: the key holds None).
+
+    K-FAC: the damped inverses of A and G; EKFAC: both eigenbases (none for a diagonal A)
+    and the restarted scaling ``[d_out, d_in]``; dense blocks: (F + λI)⁻¹.
+    """
+    if isinstance(block, DenseBlock):
+        return {"block_inv": tuple(block.state["fisher_block"].shape)}
+    A, G = block.state["input_cov"], block.state["grad_cov"]
+    if isinstance(block, EigenBlock):
+        return {
+            "eigvecs_out": tuple(G.shape),
+            "eigvecs_in": None if A.dim() == 1 else tuple(A.shape),
+            "scaling": (G.shape[0], A.shape[0]),
+        }
+    return {"input_inv": tuple(A.shape), "grad_inv": tuple(G.shape)}
+
+
+def _counts(values: Sequence[float], dtype: torch.dtype) -> Tensor:
+    """Sample counts in the statistics' own dtype when it holds them well enough (float32:
+    exact to 2²⁴, then off by < 1e-7 relative, below the sums' own rounding), so that they
+    travel in the same buffer; in float64 beside half-precision statistics."""
+    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
+    return torch.tensor([float(v) for v in values], dtype=dtype)
+
+
+class FactorSync:
+    """K-FAC's communication: statistics all-reduce, inverse placement and broadcast.
+
+    Args:
+        comm: the communicator (all methods assume ``comm.active``; callers check
+            :attr:`active` and take their single-process path otherwise).
+        placement: ``"balanced"`` (each block computed by one owner, then broadcast) or
+            ``"everywhere"`` (every rank computes every block; nothing is broadcast).
+    """
+
+    def __init__(self, comm: Communicator, placement: str = "balanced") -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+        self.comm = comm
+        self.placement = placement
+        self._shapes: dict[str, tuple[Shape | None, Shape]] = {}
+        self._owners: tuple[tuple[int, tuple[str, ...]], dict[str, int]] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anyone to communicate with."""
+        return self.comm.active
+
+    def _shape(self, name: str, block: Block) -> tuple[Shape | None, Shape]:
+        if name not in self._shapes:
+            self._shapes[name] = statistic_shapes(block.handler)
+        return self._shapes[name]
+
+    def owners(self, blocks: dict[str, Block]) -> dict[str, int]:
+        """The rank that computes each block's inverse (balanced by cost Σ d³)."""
+        key = (self.comm.world_size, tuple(blocks))
+        if self._owners is None or self._owners[0] != key:
+            costs = [block_cost([s for s in self._shape(n, b) if s is not None])
+                     for n, b in blocks.items()]
+            owners = balanced_placement(costs, self.comm.world_size)
+            self._owners = (key, dict(zip(blocks, owners, strict=True)))
+        return self._owners[1]
+
+    # --- statistics ---------------------------------------------------------------------------
+    def reduce_statistics(
+        self,
+        blocks: dict[str, Block],
+        sums: dict[str, FactorSums],
+        diagonal: dict[Tensor, Tensor],
+        diagonal_params: Sequence[Tensor],
+        samples: int,
+        dtype: torch.dtype,
+    ) -> tuple[dict[str, FactorSums], dict[Tensor, Tensor], int]:
+        """Σ over ranks of every block's sums, of the fallback diagonal sums and of ``samples``.
+
+        One bucketed all-reduce (one call per dtype: one in all for float32 or float64
+        statistics, counts included). A block or
+        parameter that this rank has no statistics for contributes zeros, so every rank
+        sends the same layout.
+
+        Args:
+            blocks: all blocks, in the optimizer's (rank-independent) order.
+            sums: this rank's sums of the blocks it saw (modified in place).
+            diagonal: this rank's fallback diagonal sums Σ g² (modified in place).
+            diagonal_params: the parameters of ``diagonal``, in a rank-independent order.
+            samples: this rank's number of samples.
+            dtype: the factor dtype (for the zeros of missing blocks).
+
+        Returns:
+            (summed sums of the blocks some rank saw, summed diagonal, total samples).
+        """
+        tensors: list[Tensor] = []
+        counts: list[float] = []
+        parts: list[tuple[str, FactorSums]] = []
+        for name, block in blocks.items():
+            input_shape, grad_shape = self._shape(name, block)
+            part = sums[name] if name in sums else FactorSums()
+            device = block.handler.params[0].device
+            if input_shape is not None:
+                if part.input_sum is None:
+                    part.input_sum = torch.zeros(input_shape, dtype=dtype, device=device)
+                tensors.append(part.input_sum)
+            if part.grad_sum is None:
+                part.grad_sum = torch.zeros(grad_shape, dtype=dtype, device=device)
+            tensors.append(part.grad_sum)
+            counts += [part.rows, part.samples]
+            parts.append((name, part))
+        diag = [diagonal[p] if p in diagonal else torch.zeros_like(p) for p in diagonal_params]
+        count_tensor = _counts([*counts, samples], dtype)
+        self.comm.all_reduce([*tensors, *diag, count_tensor])
+        totals = [round(c) for c in count_tensor.tolist()]
+        reduced = {}
+        for index, (name, part) in enumerate(parts):
+            part.rows, part.samples = totals[2 * index], totals[2 * index + 1]
+            if part.samples:
+                reduced[name] = part
+        return reduced, dict(zip(diagonal_params, diag, strict=True)), totals[-1]
+
+    def reduce_scaling(
+        self, blocks: dict[str, Block], parts: dict[str, tuple[Tensor | None, int]]
+    ) -> dict[str, tuple[Tensor, int]]:
+        """Σ over ranks of EKFAC's scaling sums and their sample counts (one all-reduce).
+
+        ``parts`` maps the refreshed EKFAC blocks this rank saw to (Σ (Q_Gᵀ Xₙ Q_A)², Nᵣ).
+        """
+        names = [n for n, b in blocks.items() if isinstance(b, EigenBlock) and b.refreshed]
+        tensors, counts = [], []
+        for name in names:
+            total, samples = parts.get(name, (None, 0))
+            if total is None:
+                total, samples = torch.zeros_like(blocks[name].state["scaling"]), 0
+            tensors.append(total)
+            counts.append(samples)
+        dtype = tensors[0].dtype if tensors else torch.float64
+        count_tensor = _counts(counts, dtype)
+        self.comm.all_reduce([*tensors, count_tensor])
+        totals = [round(c) for c in count_tensor.tolist()]
+        return {n: (t, c) for n, t, c in zip(names, tensors, totals, strict=True) if c}
+
+    # --- inverses -----------------------------------------------------------------------------
+    def refresh(
+        self, blocks: dict[str, Block], refresh: Callable[[Block], None], dtype: torch.dtype
+    ) -> None:
+        """Refresh every ready block: on its owner (then broadcast) or on every rank.
+
+        Args:
+            blocks: all blocks, in the optimizer's order.
+            refresh: recomputes one block's inverses in place (``block.refresh`` with the
+                block's damping).
+            dtype: the inverse dtype (for the receiving buffers).
+        """
+        ready = {name: block for name, block in blocks.items() if block.ready}
+        if self.placement == "everywhere":
+            for block in ready.values():
+                refresh(block)
+            return
+        owners, rank = self.owners(blocks), self.comm.rank
+        for name, block in ready.items():
+            if owners[name] == rank:
+                refresh(block)
+        for src in range(self.comm.world_size):
+            tensors = []
+            for name, block in ready.items():
+                if owners[name] != src:
+                    continue
+                device = block.handler.params[0].device
+                for key, shape in refresh_layout(block).items():
+                    if shape is None:
+                        block.state[key] = None
+                    elif rank == src:  # one memory layout on every rank: same rounding later
+                        tensors.append(block.state[key].contiguous())
+                        block.state[key] = tensors[-1]
+                    else:
+                        tensors.append(torch.empty(shape, dtype=dtype, device=device))
+                        block.state[key] = tensors[-1]
+            self.comm.broadcast(tensors, src)

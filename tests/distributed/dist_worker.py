@@ -1,0 +1,224 @@
+"""One rank of the distributed K-FAC tests (a script, and a module the tests import).
+
+    python dist_worker.py OUT_DIR SCENARIO [SCENARIO ...]
+
+Run with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (as the tests
+and ``torchrun`` do), it joins a process group (gloo on the CPU, or NCCL on GPU ``RANK`` if
+``DIST_BACKEND=nccl``), trains each scenario's model under
+``DistributedDataParallel`` on its share of every global batch (rank r takes rows
+[r·N/W, (r+1)·N/W)) and saves the final parameters to ``OUT_DIR/{scenario}-w{W}-r{r}.pt``.
+Imported by a test (no process group), :func:`run_scenario` trains the same model on the
+whole global batch in one process: the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import natgrad
+
+DTYPE = torch.float64
+GLOBAL_BATCH = 16
+STEPS = 8
+CHECKPOINT_STEP = 4  # the "ckpt" scenarios save after this many steps
+
+
+class Scale(nn.Module):
+    """An elementwise scale: a parameter natgrad has no block for (the fallback diagonal)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+def build_model() -> nn.Module:
+    """Linear → Tanh → LayerNorm (dense block) → Linear → Scale (fallback), float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4), Scale(4)
+    )
+    return model.to(DTYPE)
+
+
+def global_batches(steps: int) -> tuple[Tensor, Tensor]:
+    """Inputs ``[steps, N, 6]`` and class labels ``[steps, N]`` (4 classes)."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(steps, GLOBAL_BATCH, 6, generator=gen, dtype=DTYPE)
+    labels = torch.randint(0, 4, (steps, GLOBAL_BATCH), generator=gen)
+    return inputs, labels
+
+
+FIXED = dict(lr=0.1, damping=0.1, momentum=0.5, kl_clip=1e-2)
+AUTO = dict(lm_every=1)  # lr, momentum, damping "auto" (the defaults); LM every step
+EMPIRICAL = dict(kind="empirical", stat_every=1, inv_every=2)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """An optimizer and its settings; ``exact``: compared with one process (deterministic)."""
+
+    optimizer: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+
+
+SCENARIOS = {
+    "kfac-empirical-fixed": Scenario("KFAC", {**EMPIRICAL, **FIXED}),
+    "kfac-empirical-fixed-everywhere": Scenario(
+        "KFAC", {**EMPIRICAL, **FIXED, "inverse_placement": "everywhere"}
+    ),
+    "ekfac-empirical-fixed": Scenario("EKFAC", {**EMPIRICAL, **FIXED}),
+    "kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}),
+    "ekfac-empirical-auto": Scenario("EKFAC", {**EMPIRICAL, **AUTO}),
+    "ngdcg-empirical-auto": Scenario("NGDCG", {**EMPIRICAL}),
+    "kfac-true-auto": Scenario("KFAC", {"stat_every": 1, "inv_every": 2, "mc_samples": 2},
+                               exact=False),
+    "ekfac-true-fixed-everywhere": Scenario(
+        "EKFAC", {"stat_every": 1, "inv_every": 3, **FIXED, "inverse_placement": "everywhere"},
+        exact=False,
+    ),
+}
+CHECKPOINTED = "kfac-empirical-auto"  # the scenario of the checkpoint tests
+
+
+def shard(world: int, rank: int) -> slice:
+    """This rank's rows of a global batch."""
+    size = GLOBAL_BATCH // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def run_scenario(
+    name: str,
+    steps: int = STEPS,
+    world: int = 1,
+    rank: int = 0,
+    resume: Path | None = None,
+    save_at: tuple[int, Path] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train scenario ``name`` for ``steps`` steps on this rank's shard.
+
+    Args:
+        device: where to train (default: the CPU).
+        resume: a checkpoint (model and optimizer state) to start from; its step count says
+            which global batch comes next.
+        save_at: (step, path): rank 0 saves a checkpoint after that many steps.
+
+    Returns:
+        ``params`` (final parameters), ``seed`` (the label generator's seed), ``bytes`` and
+        ``calls`` (natgrad's own communication), ``rng`` (the label generator's state).
+    """
+    device = device or torch.device("cpu")
+    scenario = SCENARIOS[name]
+    model = build_model().to(device)
+    start = 0
+    if resume is not None:
+        checkpoint = torch.load(resume, weights_only=False, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        start = checkpoint["step"]
+    wrapped = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = getattr(natgrad, scenario.optimizer)(
+        wrapped, likelihood="categorical", **scenario.settings
+    )
+    if resume is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    inputs, labels = (t.to(device) for t in global_batches(start + steps))
+    rows = shard(world, rank)
+    for step in range(start, start + steps):
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(inputs[step, rows]), labels[step, rows]).backward()
+        optimizer.step()
+        if save_at is not None and step + 1 == save_at[0] and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step + 1}
+            torch.save(state, save_at[1])
+    comm = optimizer.communicator
+    return {
+        "params": [p.detach().cpu().clone() for p in model.parameters()],
+        "seed": optimizer._generator.initial_seed(),
+        "rng": optimizer._generator.get_state(),
+        "bytes": comm.bytes,
+        "calls": comm.calls,
+        "state": {k: v for k, v in optimizer.global_state.items() if isinstance(v, float)},
+    }
+
+
+def check_communicator(device: torch.device) -> dict[str, Any]:
+    """The communicator's collectives on made-up tensors: results and counts per call."""
+    from natgrad.distributed import Communicator
+
+    comm = Communicator()
+    rank = comm.rank
+    floats = [torch.full((2, 3), rank + 1.0, dtype=DTYPE, device=device),
+              torch.arange(4, dtype=DTYPE, device=device) * (rank + 1)]
+    singles = [torch.full((5,), rank + 0.5, dtype=torch.float32, device=device)]
+    comm.all_reduce(floats + singles)  # two dtypes: two calls
+    after_reduce = (comm.calls, comm.bytes)
+    shared = [torch.full((3,), float(rank), device=device), torch.full((2, 2), 10.0 + rank,
+                                                                        device=device)]
+    comm.broadcast(shared, src=1)
+    gathered = comm.all_gather(torch.tensor([rank, 7 * rank], device=device))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        natgrad.NaturalGradient(build_model().to(device), lr=0.1, damping=0.1)
+    return {
+        "ngd_warning": [str(w.message) for w in caught],
+        "all_reduce": [t.cpu() for t in floats + singles],
+        "after_reduce": after_reduce,
+        "broadcast": [t.cpu() for t in shared],
+        "sum_values": comm.sum_values([rank, 2.5]),
+        "all_gather": [t.cpu() for t in gathered],
+        "calls": comm.calls,
+        "bytes": comm.bytes,
+    }
+
+
+def main(argv: list[str]) -> None:
+    """Run every scenario of ``argv[1:]`` on this rank; results to ``argv[0]``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out = Path(argv[0])
+    backend = os.environ.get("DIST_BACKEND", "gloo")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method="env://")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    try:
+        for name in argv[1:]:
+            if name == "comm":
+                result = check_communicator(device)
+            elif name == "checkpoint":  # save after CHECKPOINT_STEP steps, keep going
+                path = out / f"checkpoint-w{world}.pt"
+                result = run_scenario(CHECKPOINTED, world=world, rank=rank,
+                                      save_at=(CHECKPOINT_STEP, path), device=device)
+            elif name == "resume":  # continue a one-process run's checkpoint on W ranks
+                result = run_scenario(CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,
+                                      resume=out / "checkpoint-w1.pt", device=device)
+            else:
+                result = run_scenario(name, world=world, rank=rank, device=device)
+            torch.save(result, out / f"{name}-w{world}-r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1:])
