@@ -21,6 +21,7 @@ from typing import Any
 
 from natgrad.bench import OPTIMIZERS, PROBLEMS, REFERENCE, BenchConfig
 from natgrad.bench.optimizers import NGD_MAX_JACOBIAN, save_tuned
+from natgrad.cli.args import positive_int, seed
 
 __all__ = ["add_parser", "run"]
 
@@ -58,26 +59,6 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"seed must be in 0..2**32-1, got {text!r}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``natgrad`` parser's subparsers."""
     parser = subparsers.add_parser(
@@ -92,15 +73,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--optimizers", type=_names, metavar="LIST",
                         help=f"comma-separated optimizers (default: all available, listed "
                         f"below); {REFERENCE} is always added, it defines the target")
-    parser.add_argument("--steps", type=_positive_int, metavar="N",
+    parser.add_argument("--steps", type=positive_int, metavar="N",
                         help="step budget of every problem (default: each problem's own; "
                         "tuned values were chosen for those)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="seeds the train/test split, initial weights and minibatch order "
                         "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="a tenth of each step budget: the whole run in under a minute")
-    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
                         help="torch.set_num_threads for every run (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="device to train on (default: %(default)s)")

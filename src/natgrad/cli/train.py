@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from natgrad.bench import OPTIMIZERS, PROBLEMS
+from natgrad.bench.runner import _sync
+from natgrad.cli.args import positive_int, seed
 from natgrad.distributed import launch
 
 __all__ = ["TrainConfig", "add_parser", "execute", "run", "train"]
@@ -125,11 +127,6 @@ class TrainConfig:
                 if key in saved and saved[key] != getattr(self, key):
                     raise ValueError(f"checkpoint {self.checkpoint} was written with {key} "
                                      f"{saved[key]!r}, not {getattr(self, key)!r}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -299,26 +296,6 @@ def execute(config: TrainConfig, on_step: Callable[[int], None] | None = None) -
 
 
 # --- command line -----------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"seed must be in 0..2**32-1, got {text!r}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train`` on the ``natgrad`` parser's subparsers."""
     parser = subparsers.add_parser(
@@ -333,15 +310,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="the problem (default: %(default)s)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="kfac",
                         help="the optimizer, with its tuned values (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, metavar="N",
+    parser.add_argument("--steps", type=positive_int, metavar="N",
                         help="optimizer steps (default: the problem's budget)")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="global batch, split evenly over the processes (default: the "
                         "problem's)")
-    parser.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                         help="processes to start on this machine (default: %(default)s; "
                         "under torchrun leave it out: torchrun starts them)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="seeds the split, initial weights and minibatches (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu, or cuda with one GPU per process (default: %(default)s)")
@@ -349,12 +326,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="floating-point type of model and data (default: %(default)s)")
     parser.add_argument("--backend", choices=("gloo", "nccl"),
                         help="torch.distributed backend (default: nccl on cuda, else gloo)")
-    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
                         help="torch threads per process (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, metavar="PATH",
                         help="save to PATH every --checkpoint-every steps and at the end; "
                         "resume from PATH if it exists")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="K",
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="K",
                         help="steps between checkpoints (default: %(default)s)")
     parser.add_argument("--inverse-placement", choices=("balanced", "everywhere"),
                         default="balanced",
