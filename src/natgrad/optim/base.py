@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from natgrad.curvature.model import FunctionalModel
+from natgrad.curvature.model import FunctionalModel, swapped_tensors
 from natgrad.distributed.comm import Communicator, unwrap_model
 from natgrad.layers.capture import ForwardRecord, LayerCapture
 from natgrad.likelihoods import Likelihood
-from natgrad.optim.control import AutoSettings, QuadraticControl, lm_update
+from natgrad.optim.control import AutoSettings, QuadraticControl, check_rows, lm_update
 
 __all__ = ["CurvatureOptimizer", "check_positive", "check_nonnegative", "check_choice"]
 
@@ -113,6 +113,7 @@ class CurvatureOptimizer(Optimizer):
         min_damping: float = 1e-5,
         initial_damping: float = INITIAL_DAMPING,
         process_group: Any = None,
+        curvature_rows: int | str | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,6 +124,7 @@ class CurvatureOptimizer(Optimizer):
             damping=defaults.get("damping") == AUTO,
             lm_every=lm_every,
             min_damping=min_damping,
+            rows=check_rows(curvature_rows),
         )
         if self.auto.lr:
             defaults["lr"] = 1.0  # a multiplier on the automatic step, for LR schedulers
@@ -223,7 +225,8 @@ class CurvatureOptimizer(Optimizer):
         groups = self._group_of()
         grads = {p: self._regularised_grad(p, groups[id(p)]) for p in params}
         directions = self._precondition(grads, loss)
-        if directions is None or not all_finite(directions.values()):
+        # with automatic settings the quadratic model checks the directions (dᵀd is finite)
+        if directions is None or not (self.auto.enabled or all_finite(directions.values())):
             self._skip("curvature")
             return loss
         if self.auto.enabled:
@@ -285,12 +288,13 @@ class CurvatureOptimizer(Optimizer):
         if result is None or not all_finite(result[0]):
             return False
         update, info = result
+        trial = []  # θ + δ (after decoupled weight decay); applied only if the step is kept
         for p, delta in zip(params, update, strict=True):
             group = groups[id(p)]
             if group.get("weight_decay") and group.get("decoupled_weight_decay"):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(delta)
-            self.state[p]["previous_update"] = delta
+                trial.append(p.mul(1 - group["lr"] * group["weight_decay"]).add_(delta))
+            else:
+                trial.append(p.add(delta))
         state = self.global_state
         state.update(alpha=info["alpha"], mu=info["mu"])
         if self.auto.damping and state["step"] % self.auto.lm_every == 0:
@@ -298,9 +302,10 @@ class CurvatureOptimizer(Optimizer):
             if wd:
                 penalty = wd * float(sum(
                     (p * d).sum() - 0.5 * d.square().sum()
-                    for p, d in zip(params, update, strict=True)
+                    for p, d in zip(trial, update, strict=True)
                 ))
-            with self._capture.paused():
+            swap = {id(p): t for p, t in zip(params, trial, strict=True)}
+            with self._capture.paused(), swapped_tensors(self.model, swap):
                 rho = self._control.reduction_ratio(
                     fmodel, self._records, info["predicted_change"], penalty
                 )
@@ -308,6 +313,14 @@ class CurvatureOptimizer(Optimizer):
             state["damping"] = lm_update(
                 damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
             )
+            if not rho >= 0:  # the step raised the loss of the very batch it was fitted to
+                state["rejected_steps"] = state.get("rejected_steps", 0) + 1
+                for p in params:
+                    self.state[p].pop("previous_update", None)
+                return True
+        for p, new, delta in zip(params, trial, update, strict=True):
+            p.copy_(new)
+            self.state[p]["previous_update"] = delta
         return True
 
     def _apply(self, directions: dict[Tensor, Tensor]) -> None:

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from natgrad.curvature.model import FunctionalModel, flatten
+from natgrad.curvature.model import FunctionalModel
 from natgrad.curvature.tangents import sequential_jvp
 from natgrad.distributed.comm import Communicator
 from natgrad.layers.capture import ForwardRecord, batch_inputs
@@ -126,6 +127,7 @@ class AutoSettings:
     lm_decay: float = 0.95  # ω = lm_decay ** lm_every
     min_damping: float = 1e-5
     max_damping: float = 1e3
+    rows: int | str | None = "auto"  # rows of the batch in the quadratic model's curvature
 
     @property
     def enabled(self) -> bool:
@@ -136,18 +138,63 @@ class AutoSettings:
         return self.lm_decay**self.lm_every
 
 
+def _dot(u: Sequence[Tensor], w: Sequence[Tensor]) -> Tensor:
+    """Σᵢ ⟨uᵢ, wᵢ⟩ over lists of same-shaped tensors (no concatenated copies)."""
+    return torch.stack([(a * b).sum() for a, b in zip(u, w, strict=True)]).sum()
+
+
+AUTO_ROWS_OUTPUTS = 4096  # "auto": keep ≥ this many output dimensions (rows × outputs)
+AUTO_ROWS_MIN = 64  # ... and never fewer rows than this
+
+
+def check_rows(value: Any) -> int | str | None:
+    """Validate ``curvature_rows``: a positive int, ``"auto"`` or None (every row)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"curvature_rows must be a positive int, 'auto' or None, got {value!r}")
+    return value
+
+
+def row_stride(rows: int | str | None, records: list[ForwardRecord], model: nn.Module) -> int:
+    """Every how many rows of the batch the quadratic model's Fisher terms are computed.
+
+    The two curvature terms dᵀFd and δ₀ᵀFδ₀ are averages over the batch's rows, each row
+    contributing as many independent directions as the model has outputs K per example.
+    ``rows="auto"`` keeps at least max(64, ⌈4096 / K⌉) rows: every row for classifiers
+    (K = 10) or scalar regression, a quarter of a 256-batch for a 784-pixel autoencoder, where
+    the forward-mode pass dominates the step. Models whose examples interact in the forward
+    (BatchNorm in training mode) always use every row. An int asks for about that many rows;
+    None for all of them.
+    """
+    batch = sum(r.batch_size for r in records)
+    if rows is None or batch <= 1:
+        return 1
+    if rows == "auto":
+        if any(isinstance(m, _BatchNorm) and m.training for m in model.modules()):
+            return 1
+        output = records[0].output
+        per_example = output[0].numel() if output is not None and output.dim() else 1
+        rows = max(AUTO_ROWS_MIN, math.ceil(AUTO_ROWS_OUTPUTS / max(per_example, 1)))
+    return max(1, batch // int(rows))
+
+
 def _jvps(
     fmodel: FunctionalModel,
     records: list[ForwardRecord],
     inputs: tuple[Tensor, ...],
     tangents: list[list[Tensor]],
+    stride: int = 1,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Outputs and J·t per tangent: from the traced activations of a Sequential model when
-    available (about one forward), else by forward-mode AD through the module."""
+    """Outputs and J·t per tangent on every ``stride``-th row of the batch: from the traced
+    activations of a Sequential model when available (about one forward), else by
+    forward-mode AD through the module."""
+    inputs = tuple(x[::stride] for x in inputs)
     traced = fmodel.output_fn is None and all(r.trace for r in records) and len(inputs) == 1
     if not traced:
         return fmodel.jvp(inputs, tangents)
-    outputs = [torch.cat(parts) for parts in zip(*(r.trace for r in records), strict=True)]
+    outputs = [torch.cat(parts)[::stride]
+               for parts in zip(*(r.trace for r in records), strict=True)]
     directions = [
         {id(p): t for p, t in zip(fmodel.params, tangent, strict=True)} for tangent in tangents
     ]
@@ -193,24 +240,25 @@ class QuadraticControl:
         inputs = batch_inputs(records)
         use_momentum = previous is not None and (self.settings.momentum or fixed[1] != 0.0)
         tangents = [descent] + ([previous] if use_momentum else [])
-        outputs, products = _jvps(fmodel, records, inputs, tangents)
+        stride = row_stride(self.settings.rows, records, fmodel.model)
+        outputs, products = _jvps(fmodel, records, inputs, tangents, stride)
         n = outputs.shape[0]
 
         def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space
             return (u * self.likelihood.fisher_matvec(outputs, w)).sum() / n
 
-        flat_d, flat_g = flatten(descent), flatten(grads)
-        terms = [fisher_dot(products[0], products[0]), flat_d @ flat_d, flat_g @ flat_d]
+        terms = [fisher_dot(products[0], products[0]), _dot(descent, descent),
+                 _dot(grads, descent)]
         if use_momentum:
-            flat_p = flatten(previous)
-            terms += [fisher_dot(products[0], products[1]), flat_d @ flat_p,
-                      fisher_dot(products[1], products[1]), flat_p @ flat_p, flat_g @ flat_p]
+            terms += [fisher_dot(products[0], products[1]), _dot(descent, previous),
+                      fisher_dot(products[1], products[1]), _dot(previous, previous),
+                      _dot(grads, previous)]
+        batch_terms = [0, 3, 5] if use_momentum else [0]
         stacked = torch.stack([t.double() for t in terms])
-        if self._distributed:  # the Fisher terms of the ranks' batches together
-            fisher_terms = [0, 3, 5] if use_momentum else [0]
-            local = torch.cat([stacked[fisher_terms] * n, stacked.new_tensor([n])])
+        if self._distributed:  # the batch terms of the ranks' batches together
+            local = torch.cat([stacked[batch_terms] * n, stacked.new_tensor([n])])
             self.comm.all_reduce([local])
-            stacked[fisher_terms] = local[:-1] / local[-1]
+            stacked[batch_terms] = local[:-1] / local[-1]
         values = stacked.tolist()  # one sync
         if not all(math.isfinite(v) for v in values):
             return None
@@ -252,19 +300,19 @@ class QuadraticControl:
         and M₀ the undamped model; ``penalty_change`` is the L2 penalty's part of the change."""
         if predicted >= 0:
             return -math.inf  # the model predicts no decrease: treat as a failed step
-        targets, before = [], []
-        for record in records:
-            y = self.likelihood.targets_from_grad(record.output, record.output_grad)
-            targets.append(y)
-            before.append(self.likelihood.cross_entropy(record.output, y))
+        targets = [  # per record: each forward's loss is a mean over its own batch
+            self.likelihood.targets_from_grad(r.output, r.output_grad) for r in records
+        ]
+        before_all = torch.cat([
+            self.likelihood.cross_entropy(r.output, y) for r, y in zip(records, targets, strict=True)
+        ])
         outputs = fmodel.frozen_forward(batch_inputs(records))
         after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
         if self._distributed:  # the mean change over the ranks' batches together
-            before_all = torch.cat(before)
             sums = torch.stack([(after.sum() - before_all.sum()).double(),
                                 after.new_tensor(after.numel(), dtype=torch.float64)])
             self.comm.all_reduce([sums])
             change = float(sums[0] / sums[1]) + penalty_change
         else:
-            change = float(after.mean() - torch.cat(before).mean()) + penalty_change
+            change = float(after.mean() - before_all.mean()) + penalty_change
         return change / predicted

@@ -105,6 +105,10 @@ class KFAC(CurvatureOptimizer):
             broadcasts nothing (W-fold compute, no inverse traffic). Ignored on one process.
         process_group: the ``torch.distributed`` group of the data-parallel ranks (default:
             the default group, if one is initialised).
+        curvature_rows: rows of the batch on which the quadratic model (``"auto"``
+            settings) evaluates its two Fisher terms: ``"auto"`` (enough rows for 4096
+            output dimensions, at least 64; see :func:`natgrad.optim.control.row_stride`),
+            an int, or None for every row.
 
     Example:
         >>> opt = natgrad.KFAC(model, likelihood="categorical")  # automatic lr, momentum, damping
@@ -150,6 +154,7 @@ class KFAC(CurvatureOptimizer):
         initial_damping: float = 1e-2,
         inverse_placement: str = "balanced",
         process_group: Any = None,
+        curvature_rows: int | str | None = "auto",
     ) -> None:
         likelihood = get_likelihood(likelihood)
         kind = check_choice("kind", kind, ("true", "mc", "empirical"))
@@ -175,7 +180,7 @@ class KFAC(CurvatureOptimizer):
         )
         super().__init__(
             model, params, defaults, likelihood, output_fn, lm_every, min_damping,
-            initial_damping, process_group,
+            initial_damping, process_group, curvature_rows,
         )
         self._sync = FactorSync(self._comm, placement)
         if self.auto.lr:
