@@ -14,7 +14,14 @@ from torch import nn
 import natgrad
 from conftest import RTOL_EXACT, rel_err
 from natgrad.curvature.products import conjugate_gradient
-from natgrad.optim.control import lm_update, quadratic_value, solve_coefficients
+from natgrad.layers.capture import ForwardRecord
+from natgrad.optim.control import (
+    check_rows,
+    lm_update,
+    quadratic_value,
+    row_stride,
+    solve_coefficients,
+)
 
 DTYPE = torch.float64
 # CG against a dense solve on a well-conditioned system (the bound).
@@ -272,3 +279,43 @@ def test_ngdcg_step_solves_the_damped_fisher_system(preconditioner):
     fisher = natgrad.fisher_matrix(reference, x, likelihood="categorical")
     expected = torch.linalg.solve(fisher + damping * torch.eye(len(grad), dtype=DTYPE), grad)
     assert rel_err(before - after, expected) <= CG_RTOL
+
+
+def _records(*shapes: tuple[int, ...]) -> list[ForwardRecord]:
+    return [ForwardRecord(inputs=(torch.zeros(shape[0], 3),), calls={}, batch_size=shape[0],
+                          output=torch.zeros(shape)) for shape in shapes]
+
+
+@pytest.mark.parametrize(
+    ("rows", "shapes", "expected"),
+    [
+        ("auto", [(256, 10)], 1),  # classifier: 10 outputs need ≥ 410 rows: all of them
+        ("auto", [(256, 1)], 1),  # scalar regression
+        ("auto", [(256, 64)], 4),  # 64 outputs: 64 rows
+        ("auto", [(256, 784)], 4),  # never fewer than 64 rows
+        ("auto", [(256, 28, 28)], 4),  # outputs per example, whatever their shape
+        ("auto", [(512, 32)], 4),  # 32 outputs: 128 rows
+        ("auto", [(128, 784), (128, 784)], 4),  # micro-batches count together
+        ("auto", [(40, 784)], 1),  # a batch smaller than the minimum
+        (None, [(256, 784)], 1),
+        (16, [(256, 10)], 16),
+        (1000, [(256, 10)], 1),
+    ],
+)
+def test_row_stride(rows, shapes, expected):
+    assert row_stride(rows, _records(*shapes), nn.Linear(3, 3)) == expected
+
+
+def test_row_stride_uses_every_row_when_examples_interact():
+    model = nn.Sequential(nn.Linear(3, 784), nn.BatchNorm1d(784))
+    assert row_stride("auto", _records((256, 784)), model) == 1
+    assert row_stride("auto", _records((256, 784)), model.eval()) == 4
+    assert row_stride(64, _records((256, 784)), model.train()) == 4  # asked for explicitly
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all"])
+def test_curvature_rows_is_validated(bad):
+    with pytest.raises(ValueError, match="curvature_rows"):
+        check_rows(bad)
+    with pytest.raises(ValueError, match="curvature_rows"):
+        natgrad.KFAC(nn.Linear(3, 2), curvature_rows=bad)

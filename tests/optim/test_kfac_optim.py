@@ -174,6 +174,46 @@ def test_auto_lr_minimises_the_exact_quadratic_model(opt_type):
     assert rel_err(flat_change(model, auto), -alpha * direction) <= RTOL_STEP
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_auto_lr_curvature_on_a_row_subset(rows):
+    """curvature_rows=k: the quadratic model's Fisher term is the exact Fisher of every
+    (N // k)-th row of the batch (their mean), the gradient term stays the full batch's."""
+    model, inputs, targets = problem("mlp")
+    fixed, auto = copy.deepcopy(model), copy.deepcopy(model)
+    train_step(natgrad.KFAC(fixed, **settings()), fixed, inputs, targets)
+    opt = natgrad.KFAC(auto, **settings(lr="auto", curvature_rows=rows))
+    train_step(opt, auto, inputs, targets)
+    direction = -flat_change(model, fixed)
+    stride = max(1, inputs.shape[0] // rows)
+    fisher = brute_force_fisher(model, inputs[::stride], "categorical")
+    g = torch.cat([p.grad.reshape(-1) for p in auto.parameters()])
+    alpha = float(g @ direction / (direction @ fisher @ direction
+                                   + DAMPING * direction @ direction))
+    assert opt.state["natgrad"]["alpha"] == pytest.approx(alpha, rel=RTOL_STEP)
+
+
+def test_a_step_that_raises_its_batch_loss_is_rejected():
+    """damping="auto": a step whose batch loss goes up (ρ < 0; here a fixed lr far too
+    large) leaves the parameters unchanged, is counted, raises λ and forgets the momentum
+    direction; the next steps go on from there."""
+    model, inputs, targets = problem("mlp")
+    trained = copy.deepcopy(model)
+    opt = natgrad.KFAC(trained, **settings(lr=1e4, damping="auto", lm_every=1,
+                                            initial_damping=DAMPING))
+    train_step(opt, trained, inputs, targets)
+    state = opt.state["natgrad"]
+    assert state["rejected_steps"] == 1 and state["step"] == 1 and state["rho"] < 0
+    assert state["damping"] == pytest.approx(DAMPING / 0.95, rel=RTOL_EXACT)
+    for p, q in zip(model.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert "previous_update" not in opt.state[q]
+    sane = copy.deepcopy(model)
+    opt = natgrad.KFAC(sane, **settings(lr="auto", damping="auto", lm_every=1))
+    for _ in range(3):
+        train_step(opt, sane, inputs, targets)
+    assert opt.state["natgrad"].get("rejected_steps", 0) == 0
+
+
 def test_auto_damping_follows_the_reduction_ratio():
     """damping="auto" (lm_every=1): ρ = (J(θ+δ) − J(θ)) / M₀(δ) on the step's batch, with
     M₀(δ) = ∇Jᵀδ + ½ δᵀFδ the undamped quadratic model (exact batch Fisher), and

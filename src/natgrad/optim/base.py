@@ -109,7 +109,7 @@ class CurvatureOptimizer(Optimizer):
         defaults: dict[str, Any],
         likelihood: Likelihood,
         output_fn: Callable[[Any], Tensor] | None = None,
-        lm_every: int = 5,
+        lm_every: int = 1,
         min_damping: float = 1e-5,
         initial_damping: float = INITIAL_DAMPING,
         process_group: Any = None,

@@ -11,6 +11,13 @@ a (``lr="auto"``) and m (``momentum="auto"``), a 2×2 linear system. Levenberg�
 adapts λ every ``lm_every`` steps from the reduction ratio ρ = (J(θ+δ) − J(θ)) / M₀(δ),
 M₀ being the model without the damping term:
 λ ← ω λ if ρ > 3/4, λ ← λ / ω if ρ < 1/4, clamped to [``min_damping``, ``max_damping``].
+A step with ρ < 0 is not taken (the optimizer rejects it; see ``CurvatureOptimizer``): the
+model is only trusted where it predicted the batch's own loss change in sign.
+
+The Fisher terms dᵀFd, dᵀFδ₀, δ₀ᵀFδ₀ are averages over the batch's rows; for models with
+many outputs per example (autoencoders) a strided subset of rows estimates them as well at
+a fraction of the forward-mode cost (``curvature_rows``, :func:`row_stride`). The gradient
+terms and ρ always use the whole batch: a row subset's gradient is too noisy for them.
 
 J(θ+δ) needs the batch's targets, which the optimizer never sees: they are recovered
 exactly from the loss's gradient with respect to the model's output (see
@@ -303,9 +310,8 @@ class QuadraticControl:
         targets = [  # per record: each forward's loss is a mean over its own batch
             self.likelihood.targets_from_grad(r.output, r.output_grad) for r in records
         ]
-        before_all = torch.cat([
-            self.likelihood.cross_entropy(r.output, y) for r, y in zip(records, targets, strict=True)
-        ])
+        before_all = torch.cat([self.likelihood.cross_entropy(r.output, y)
+                                for r, y in zip(records, targets, strict=True)])
         outputs = fmodel.frozen_forward(batch_inputs(records))
         after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
         if self._distributed:  # the mean change over the ranks' batches together

@@ -98,7 +98,12 @@ class KFAC(CurvatureOptimizer):
         output_fn: maps the model's output to the likelihood's parameters.
         seed: seeds label sampling (its RNG state is in ``state_dict``).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings for
-            ``damping="auto"``: steps between adjustments, floor, starting value.
+            ``damping="auto"``: steps between adjustments, floor, starting value. Each
+            adjustment measures ρ on the step's batch (one extra forward); a step with
+            ρ < 0 (the loss of the batch it was fitted to went up) is rejected: parameters
+            unchanged, momentum restarted, counted in ``state["natgrad"]["rejected_steps"]``.
+            Checking every step (the default) is what keeps a rare bad step from undoing a
+            run; the forward costs less than the steps it saves.
         inverse_placement: under data parallelism, ``"balanced"`` computes each block's
             inverse (or eigenbasis) on one rank, chosen to balance the cost Σ d³ per rank,
             and broadcasts it; ``"everywhere"`` computes every inverse on every rank and
@@ -149,7 +154,7 @@ class KFAC(CurvatureOptimizer):
         exclude: Iterable[str | type] = (),
         output_fn: Callable[[Any], Tensor] | None = None,
         seed: int = 0,
-        lm_every: int = 5,
+        lm_every: int = 1,
         min_damping: float = 1e-5,
         initial_damping: float = 1e-2,
         inverse_placement: str = "balanced",
