@@ -16,6 +16,7 @@ from conftest import RTOL_EXACT, rel_err
 from natgrad.curvature.products import conjugate_gradient
 from natgrad.layers.capture import ForwardRecord
 from natgrad.optim.control import (
+    backtrack_fraction,
     check_rows,
     lm_update,
     quadratic_value,
@@ -319,3 +320,66 @@ def test_curvature_rows_is_validated(bad):
         check_rows(bad)
     with pytest.raises(ValueError, match="curvature_rows"):
         natgrad.KFAC(nn.Linear(3, 2), curvature_rows=bad)
+
+
+@pytest.mark.parametrize(("slope", "quadratic"), [(-2.0, 5.0), (-1.0, 4.0), (-3.0, 12.0)])
+def test_backtrack_fraction_is_the_parabola_minimum(slope, quadratic):
+    """J(θ + tδ) − J(θ) = slope·t + quadratic·t² exactly: the fraction is its minimiser."""
+    change = slope + quadratic  # at t = 1
+    t = backtrack_fraction(slope, predicted=-0.5, change=change)
+    assert t == pytest.approx(-slope / (2 * quadratic), rel=1e-12)
+    assert slope * t + quadratic * t * t < 0
+
+
+def test_backtrack_fraction_bounds_and_refusals():
+    assert backtrack_fraction(-1.0, -0.5, 1e9) == 0.05  # a wild overshoot: 5 % of the step
+    assert backtrack_fraction(-1.0, -0.5, -1.5) is None  # no curvature: nothing to fit
+    assert backtrack_fraction(-1.0, -0.5, -0.2) == 0.5  # never more than half the step
+    assert backtrack_fraction(1.0, -0.5, 2.0) is None  # not a descent direction
+    assert backtrack_fraction(-1.0, 0.1, 2.0) is None  # the model expected no decrease
+    assert backtrack_fraction(-1.0, -0.5, math.inf) is None
+    assert backtrack_fraction(-1.0, -0.5, math.nan) is None
+
+
+def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
+    """ρ < 0 on the step's batch: the optimizer applies t·δ with t = backtrack_fraction(...)
+    if ρ at tδ is ≥ 0, counts it, and keeps tδ as the momentum direction."""
+    from natgrad.optim.control import QuadraticControl
+
+    x, y = _digits(64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    ratios, proposals = [], []
+    original_ratio, original_updates = QuadraticControl.reduction_ratio, QuadraticControl.updates
+
+    def first_fails(self, fmodel, records, predicted, penalty_change=0.0):
+        rho = original_ratio(self, fmodel, records, predicted, penalty_change)
+        ratios.append(predicted)
+        return -3.0 if len(ratios) == 1 else rho
+
+    def spy(self, *args, **kwargs):
+        result = original_updates(self, *args, **kwargs)
+        proposals.append(result)
+        return result
+
+    monkeypatch.setattr(QuadraticControl, "reduction_ratio", first_fails)
+    monkeypatch.setattr(QuadraticControl, "updates", spy)
+    opt = natgrad.KFAC(model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = opt.state["natgrad"]
+    assert len(ratios) == 2 and state["backtracked_steps"] == 1
+    assert state.get("rejected_steps", 0) == 0
+    (update, info), = proposals
+    predicted, slope = info["predicted_change"], info["slope"]
+    pairs = zip(model.parameters(), update, strict=True)
+    grad_dot = sum(float((p.grad * d).sum()) for p, d in pairs)
+    assert slope == pytest.approx(grad_dot, rel=1e-4)  # ∇Jᵀδ
+    t = backtrack_fraction(slope, predicted, -3.0 * predicted)
+    assert 0.05 <= t <= 0.5
+    for p0, p, delta in zip(before, model.parameters(), update, strict=True):
+        assert torch.allclose(p.detach() - p0, t * delta, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(opt.state[p]["previous_update"], t * delta, rtol=1e-6)
+    assert ratios[1] == pytest.approx(t * slope + t * t * (predicted - slope), rel=1e-12)

@@ -22,7 +22,13 @@ from natgrad.curvature.model import FunctionalModel, swapped_tensors
 from natgrad.distributed.comm import Communicator, unwrap_model
 from natgrad.layers.capture import ForwardRecord, LayerCapture
 from natgrad.likelihoods import Likelihood
-from natgrad.optim.control import AutoSettings, QuadraticControl, check_rows, lm_update
+from natgrad.optim.control import (
+    AutoSettings,
+    QuadraticControl,
+    backtrack_fraction,
+    check_rows,
+    lm_update,
+)
 
 __all__ = ["CurvatureOptimizer", "check_positive", "check_nonnegative", "check_choice"]
 
@@ -288,40 +294,61 @@ class CurvatureOptimizer(Optimizer):
         if result is None or not all_finite(result[0]):
             return False
         update, info = result
-        trial = []  # θ + δ (after decoupled weight decay); applied only if the step is kept
+        trial = self._trial(params, update, groups)
+        state = self.global_state
+        state.update(alpha=info["alpha"], mu=info["mu"])
+        if self.auto.damping and state["step"] % self.auto.lm_every == 0:
+            predicted = info["predicted_change"]
+            rho = self._reduction_ratio(fmodel, params, trial, update, predicted, wd)
+            state["rho"] = rho
+            state["damping"] = lm_update(
+                damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
+            )
+            if not rho >= 0:  # the step raised the loss of the very batch it was fitted to
+                t = backtrack_fraction(info["slope"], predicted, rho * predicted)
+                if t is not None:
+                    update = [u * t for u in update]
+                    trial = self._trial(params, update, groups)
+                    # the undamped model at tδ: t·slope + t²·(its quadratic part at δ)
+                    at_t = t * info["slope"] + t * t * (predicted - info["slope"])
+                    rho = self._reduction_ratio(fmodel, params, trial, update, at_t, wd)
+                if t is None or not rho >= 0:
+                    state["rejected_steps"] = state.get("rejected_steps", 0) + 1
+                    for p in params:
+                        self.state[p].pop("previous_update", None)
+                    return True
+                state["backtracked_steps"] = state.get("backtracked_steps", 0) + 1
+        for p, new, delta in zip(params, trial, update, strict=True):
+            p.copy_(new)
+            self.state[p]["previous_update"] = delta
+        return True
+
+    def _trial(
+        self, params: list[Tensor], update: list[Tensor], groups: dict[int, dict[str, Any]]
+    ) -> list[Tensor]:
+        """θ + δ per parameter (after decoupled weight decay); not applied yet."""
+        trial = []
         for p, delta in zip(params, update, strict=True):
             group = groups[id(p)]
             if group.get("weight_decay") and group.get("decoupled_weight_decay"):
                 trial.append(p.mul(1 - group["lr"] * group["weight_decay"]).add_(delta))
             else:
                 trial.append(p.add(delta))
-        state = self.global_state
-        state.update(alpha=info["alpha"], mu=info["mu"])
-        if self.auto.damping and state["step"] % self.auto.lm_every == 0:
-            penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
-            if wd:
-                penalty = wd * float(sum(
-                    (p * d).sum() - 0.5 * d.square().sum()
-                    for p, d in zip(trial, update, strict=True)
-                ))
-            swap = {id(p): t for p, t in zip(params, trial, strict=True)}
-            with self._capture.paused(), swapped_tensors(self.model, swap):
-                rho = self._control.reduction_ratio(
-                    fmodel, self._records, info["predicted_change"], penalty
-                )
-            state["rho"] = rho
-            state["damping"] = lm_update(
-                damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
-            )
-            if not rho >= 0:  # the step raised the loss of the very batch it was fitted to
-                state["rejected_steps"] = state.get("rejected_steps", 0) + 1
-                for p in params:
-                    self.state[p].pop("previous_update", None)
-                return True
-        for p, new, delta in zip(params, trial, update, strict=True):
-            p.copy_(new)
-            self.state[p]["previous_update"] = delta
-        return True
+        return trial
+
+    def _reduction_ratio(
+        self, fmodel: FunctionalModel, params: list[Tensor], trial: list[Tensor],
+        update: list[Tensor], predicted: float, wd: float,
+    ) -> float:
+        """ρ of the step to ``trial`` on this step's batch (see :mod:`.control`)."""
+        penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
+        if wd:
+            penalty = wd * float(sum(
+                (p * d).sum() - 0.5 * d.square().sum() for p, d in zip(trial, update, strict=True)
+            ))
+        swap = {id(p): t for p, t in zip(params, trial, strict=True)}
+        with self._capture.paused(), swapped_tensors(self.model, swap):
+            return self._control.reduction_ratio(fmodel, self._records, predicted, penalty)
 
     def _apply(self, directions: dict[Tensor, Tensor]) -> None:
         # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first

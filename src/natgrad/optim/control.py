@@ -11,8 +11,11 @@ a (``lr="auto"``) and m (``momentum="auto"``), a 2×2 linear system. Levenberg�
 adapts λ every ``lm_every`` steps from the reduction ratio ρ = (J(θ+δ) − J(θ)) / M₀(δ),
 M₀ being the model without the damping term:
 λ ← ω λ if ρ > 3/4, λ ← λ / ω if ρ < 1/4, clamped to [``min_damping``, ``max_damping``].
-A step with ρ < 0 is not taken (the optimizer rejects it; see ``CurvatureOptimizer``): the
-model is only trusted where it predicted the batch's own loss change in sign.
+A step with ρ < 0 (the loss of the batch it was fitted to went up) is not taken as it is:
+the optimizer tries once more at the minimum of the parabola through J(θ), its slope and
+J(θ+δ) (:func:`backtrack_fraction`), and rejects the step if that fails too. The Gauss-Newton
+curvature misses the network's own curvature, which is large where the residuals are (an
+autoencoder on its mean-image plateau): there a step the model trusts can overshoot badly.
 
 The Fisher terms dᵀFd, dᵀFδ₀, δ₀ᵀFδ₀ are averages over the batch's rows; for models with
 many outputs per example (autoencoders) a strided subset of rows estimates them as well at
@@ -50,6 +53,7 @@ from natgrad.likelihoods import Likelihood
 __all__ = [
     "AutoSettings",
     "QuadraticControl",
+    "backtrack_fraction",
     "lm_update",
     "quadratic_value",
     "solve_coefficients",
@@ -110,6 +114,20 @@ def quadratic_value(curvature: Matrix2, linear: Vector2, a: float, m: float) -> 
     c, g = _floats(curvature, linear)
     quad = c[0][0] * a * a + (c[0][1] + c[1][0]) * a * m + c[1][1] * m * m
     return g[0] * a + g[1] * m + 0.5 * quad
+
+
+def backtrack_fraction(slope: float, predicted: float, change: float) -> float | None:
+    """The fraction t of a failed step δ at which to try again, or None (give up).
+
+    The parabola through J(θ) with slope ∇Jᵀδ = ``slope`` and the measured ``change``
+    J(θ+δ) − J(θ) has its minimum at t = −slope / (2 (change − slope)); t is kept in
+    [0.05, 0.5]. ``predicted`` is unused except to refuse a step the model itself did not
+    expect to help (predicted ≥ 0) or a change that is not finite.
+    """
+    curvature = change - slope
+    if not (math.isfinite(change) and slope < 0 and predicted < 0 and curvature > 0):
+        return None
+    return min(max(-slope / (2.0 * curvature), 0.05), 0.5)
 
 
 def lm_update(
@@ -293,7 +311,8 @@ class QuadraticControl:
         undamped = [[f + weight_decay * v for f, v in zip(fr, nr, strict=True)]
                     for fr, nr in zip(fisher, norms, strict=True)]
         predicted = quadratic_value(undamped, linear, a, m)
-        info = {"alpha": a, "mu": m, "predicted_change": predicted}
+        slope = linear[0] * a + linear[1] * m  # ∇Jᵀδ
+        info = {"alpha": a, "mu": m, "predicted_change": predicted, "slope": slope}
         return update, info
 
     def reduction_ratio(
