@@ -131,7 +131,7 @@ def damped_inverse(
             chol, info = torch.linalg.cholesky_ex(mat + damp * eye.to(mat.dtype))
             if int(info) == 0:
                 inverse = torch.cholesky_inverse(chol)
-                if bool(torch.isfinite(inverse).all()):
+                if bool(torch.isfinite(inverse.sum())):  # a NaN or inf entry spoils the sum
                     return inverse.to(dtype)
     eigvals, eigvecs = torch.linalg.eigh(matrix.double())
     inv = 1.0 / (eigvals.clamp_min(0) + damping)

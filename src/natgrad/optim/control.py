@@ -218,7 +218,7 @@ def _jvps(
     traced = fmodel.output_fn is None and all(r.trace for r in records) and len(inputs) == 1
     if not traced:
         return fmodel.jvp(inputs, tangents)
-    outputs = [torch.cat(parts)[::stride]
+    outputs = [parts[0][::stride] if len(parts) == 1 else torch.cat(parts)[::stride]
                for parts in zip(*(r.trace for r in records), strict=True)]
     directions = [
         {id(p): t for p, t in zip(fmodel.params, tangent, strict=True)} for tangent in tangents
