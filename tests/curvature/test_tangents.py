@@ -22,6 +22,10 @@ def _models() -> dict[str, nn.Sequential]:
         "sigmoid_linear_code": nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 6), nn.Sigmoid(),
                                              nn.Linear(6, 4), nn.Identity()),
         "flatten": nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 2)),
+        "cnn": nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), nn.Tanh(),
+                             nn.Conv2d(4, 2, 2, bias=False, padding="same", dilation=2),
+                             nn.Flatten(), nn.Linear(2 * 3 * 3, 3)),
     }
 
 
@@ -40,7 +44,8 @@ def _reference(model: nn.Module, x: torch.Tensor, tangent: list[torch.Tensor]) -
 def test_sequential_jvp_matches_forward_mode(name, partial):
     model = _models()[name].double()
     assert supports_trace(model)
-    x = torch.randn(7, 2, 4, dtype=DTYPE) if name == "flatten" else torch.randn(7, 4, dtype=DTYPE)
+    shape = {"flatten": (7, 2, 4), "cnn": (7, 2, 5, 5)}.get(name, (7, 4))
+    x = torch.randn(shape, dtype=DTYPE)
     outputs, h = [], x
     for child in model:
         h = child(h)
@@ -63,6 +68,30 @@ def test_sequential_jvp_matches_forward_mode(name, partial):
 
 def test_unsupported_models_are_rejected():
     assert not supports_trace(nn.Sequential(nn.Linear(2, 2), nn.GELU()))
-    assert not supports_trace(nn.Sequential(nn.Conv2d(1, 1, 1)))
+    assert not supports_trace(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2)))
+    assert not supports_trace(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1,
+                                                      padding_mode="reflect")))
+    assert supports_trace(nn.Sequential(nn.Conv2d(1, 1, 1)))
     assert not supports_trace(nn.Linear(2, 2))
     assert not supports_trace(nn.Sequential(nn.ReLU()))
+
+
+def test_conv_tangent_with_only_bias_directions():
+    """No direction moves the first convolution's weight: its tangent is the bias alone,
+    constant over the map, and must still reach the next convolution with its full shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 2), nn.Flatten(),
+                          nn.Linear(2 * 2 * 2, 2)).double()
+    x = torch.randn(3, 1, 5, 5, dtype=DTYPE)
+    outputs, h = [], x
+    for child in model:
+        h = child(h)
+        outputs.append(h.detach())
+    gen = torch.Generator().manual_seed(2)
+    tangent = [torch.zeros_like(p) if i == 0 else torch.randn(p.shape, generator=gen,
+                                                                dtype=DTYPE)
+               for i, p in enumerate(model.parameters())]
+    direction = {id(p): t for i, (p, t) in enumerate(zip(model.parameters(), tangent,
+                                                          strict=True)) if i != 0}
+    (product,) = sequential_jvp(model, x, outputs, [direction])
+    assert rel_err(product, _reference(model, x, tangent)) <= RTOL_EXACT

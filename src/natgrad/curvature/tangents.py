@@ -6,6 +6,7 @@ that produced the loss already holds every layer's input āₗ and activation ou
 tangents propagate without recomputing the forward:
 
     Linear:      t ← t Wᵀ + ā Dᵀ (+ D_b)        (D: the direction's weight part)
+    Conv2d:      t ← conv(t, W) + conv(ā, D) (+ D_b)
     activation:  t ← σ'(s) ⊙ t, with σ' read off the activation's output h
                  (tanh: 1 − h², sigmoid: h(1 − h), ReLU: [h > 0])
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["supports_trace", "sequential_jvp"]
@@ -25,14 +27,20 @@ __all__ = ["supports_trace", "sequential_jvp"]
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten)
 
 
+def _traceable_conv(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
 def supports_trace(model: nn.Module) -> bool:
-    """True if ``model`` is a Sequential of Linear layers and supported activations."""
+    """True if ``model`` is a Sequential of Linear layers, Conv2d layers (groups=1, zero
+    padding) and supported activations."""
     return (
         isinstance(model, nn.Sequential)
         and len(model) > 0
-        and all(isinstance(m, (nn.Linear, *_ACTIVATIONS)) for m in model)
+        and all(isinstance(m, (nn.Linear, *_ACTIVATIONS)) or _traceable_conv(m) for m in model)
         and all(m.start_dim >= 1 for m in model if isinstance(m, nn.Flatten))
-        and any(isinstance(m, nn.Linear) for m in model)
+        and any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model)
     )
 
 
@@ -71,6 +79,8 @@ def sequential_jvp(
     for module, output in zip(model, outputs, strict=True):
         if isinstance(module, nn.Linear):
             current = _linear_tangent(module, layer_input, current, tangents)
+        elif isinstance(module, nn.Conv2d):
+            current = _conv_tangent(module, layer_input, output, current, tangents)
         elif isinstance(module, nn.Flatten):
             if current is not None:  # the k directions sit at dim 1
                 current = current.flatten(module.start_dim + 1, module.end_dim)
@@ -112,4 +122,42 @@ def _linear_tangent(
         propagated = (current.reshape(-1, current.shape[-1]) @ module.weight.detach().T)
         propagated = propagated.reshape(*current.shape[:-1], d_out)
         total = propagated if total is None else total + propagated
+    return total
+
+
+def _conv_tangent(
+    module: nn.Conv2d,
+    layer_input: Tensor,
+    output: Tensor,
+    current: Tensor | None,
+    tangents: Sequence[dict[int, Tensor]],
+) -> Tensor | None:
+    """t_out = conv(t_in, W) + conv(ā, D) (+ D_b) for k directions, layout ``[N, k, C, H, W]``."""
+    k, c_out = len(tangents), module.out_channels
+
+    def conv(x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation)
+
+    total = None
+    weight_dirs = [t.get(id(module.weight)) for t in tangents]
+    if any(w is not None for w in weight_dirs):
+        stacked = torch.cat([
+            torch.zeros_like(module.weight) if w is None else w for w in weight_dirs
+        ])  # [k·C_out, C_in, kh, kw]: every direction in one convolution
+        local = conv(layer_input, stacked)
+        total = local.reshape(local.shape[0], k, c_out, *local.shape[2:])
+    if module.bias is not None:
+        bias_dirs = [t.get(id(module.bias)) for t in tangents]
+        if any(b is not None for b in bias_dirs):
+            bias = torch.stack([
+                torch.zeros_like(module.bias) if b is None else b for b in bias_dirs
+            ]).reshape(1, k, c_out, 1, 1)
+            total = bias if total is None else total + bias
+    if current is not None:  # the k directions folded into the batch
+        current = current.expand(layer_input.shape[0], *current.shape[1:])
+        propagated = conv(current.reshape(-1, *current.shape[2:]), module.weight.detach())
+        propagated = propagated.reshape(current.shape[0], k, *propagated.shape[1:])
+        total = propagated if total is None else total + propagated
+    if total is not None:  # a bias-only tangent is constant over the map: give it its shape
+        total = total.expand(output.shape[0], k, *output.shape[1:])
     return total
