@@ -141,6 +141,22 @@ def test_fisher_matvec_applies_output_fisher(name, shape):
     assert rel_err(got, expected) <= RTOL_EXACT
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", LIKELIHOODS)
+def test_fisher_gram_is_the_summed_output_fisher_inner_product(name, shape):
+    """fisher_gram[i, j] = Σₙ vᵢₙᵀ Λₙ vⱼₙ with Λₙ enumerated independently."""
+    outputs = random_outputs(shape)
+    vectors = [random_outputs(shape, seed=5 + i) for i in range(3)]
+    lam = enumerated_output_fisher(name, outputs)
+    flat = [v.reshape(shape[0], -1, 1) for v in vectors]
+    expected = torch.stack([
+        torch.stack([(a.transpose(1, 2) @ lam @ b).sum() for b in flat]) for a in flat
+    ])
+    got = natgrad.get_likelihood(name).fisher_gram(outputs, vectors)
+    assert got.shape == (3, 3)
+    assert rel_err(got, expected) <= RTOL_EXACT
+
+
 # --- KL -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", LIKELIHOODS)
@@ -276,5 +292,7 @@ def test_fisher_matvec_and_kl_shape_mismatch_raise(name):
     outputs = random_outputs((4, 3))
     with pytest.raises(ValueError, match="shape"):
         lik.fisher_matvec(outputs, random_outputs((4, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        lik.fisher_gram(outputs, [outputs, random_outputs((4, 2))])
     with pytest.raises(ValueError, match="shape"):
         lik.kl(outputs, random_outputs((3, 3)))

@@ -27,6 +27,7 @@ Conventions (see DESIGN.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -110,6 +111,20 @@ class Likelihood:
             )
         return self._fisher_matvec(outputs.detach(), vectors)
 
+    def fisher_gram(self, outputs: Tensor, vectors: Sequence[Tensor]) -> Tensor:
+        """The ``[k, k]`` matrix Σₙ uᵢₙᵀ Λₙ uⱼₙ for k output-space ``vectors`` (each shaped
+        like ``outputs``), summed over the batch: the Fisher's Gram matrix of k directions
+        J·tᵢ, computed with one evaluation of the model's probabilities."""
+        _check_outputs(outputs)
+        for v in vectors:
+            if v.shape != outputs.shape:
+                raise ValueError(
+                    f"vectors must have the shape of outputs {tuple(outputs.shape)}, "
+                    f"got {tuple(v.shape)}"
+                )
+        stacked = torch.stack(list(vectors)).reshape(len(vectors), -1, outputs.shape[-1])
+        return self._fisher_gram(outputs.detach().reshape(-1, outputs.shape[-1]), stacked)
+
     def kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         """KL(p(·|f_p) ‖ p(·|f_q)) per sample, summed over positions. Returns ``[N]``."""
         _check_outputs(outputs_p)
@@ -170,6 +185,11 @@ class Likelihood:
 
     def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        # outputs [M, K], vectors [k, M, K]; subclasses avoid the k matrix-vector products
+        products = torch.stack([self._fisher_matvec(outputs, v) for v in vectors])
+        return torch.einsum("amk,bmk->ab", vectors, products)
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         raise NotImplementedError
@@ -239,6 +259,14 @@ class Categorical(Likelihood):
         probs = outputs.softmax(-1)
         return probs * vectors - probs * (probs * vectors).sum(-1, keepdim=True)
 
+    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        # uᵀΛw = Σ p u w − (pᵀu)(pᵀw) per row
+        probs = outputs.softmax(-1)
+        weighted = probs * vectors
+        means = weighted.sum(-1)
+        return (torch.einsum("amk,bmk->ab", weighted, vectors)
+                - torch.einsum("am,bm->ab", means, means))
+
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         log_p, log_q = outputs_p.log_softmax(-1), outputs_q.log_softmax(-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -283,6 +311,9 @@ class Gaussian(Likelihood):
     def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         return vectors
 
+    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        return torch.einsum("amk,bmk->ab", vectors, vectors)
+
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         return 0.5 * (outputs_p - outputs_q) ** 2
 
@@ -323,6 +354,10 @@ class Bernoulli(Likelihood):
     def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         probs = outputs.sigmoid()
         return probs * (1 - probs) * vectors
+
+    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        probs = outputs.sigmoid()
+        return torch.einsum("amk,bmk->ab", vectors * (probs * (1 - probs)), vectors)
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         prob = outputs_p.sigmoid()

@@ -269,15 +269,11 @@ class QuadraticControl:
         outputs, products = _jvps(fmodel, records, inputs, tangents, stride)
         n = outputs.shape[0]
 
-        def fisher_dot(u: Tensor, w: Tensor) -> Tensor:  # uᵀ Λ w / N, in output space
-            return (u * self.likelihood.fisher_matvec(outputs, w)).sum() / n
-
-        terms = [fisher_dot(products[0], products[0]), _dot(descent, descent),
-                 _dot(grads, descent)]
+        gram = self.likelihood.fisher_gram(outputs, products) / n  # (J·tᵢ)ᵀ Λ (J·tⱼ) / N
+        terms = [gram[0, 0], _dot(descent, descent), _dot(grads, descent)]
         if use_momentum:
-            terms += [fisher_dot(products[0], products[1]), _dot(descent, previous),
-                      fisher_dot(products[1], products[1]), _dot(previous, previous),
-                      _dot(grads, previous)]
+            terms += [gram[0, 1], _dot(descent, previous), gram[1, 1],
+                      _dot(previous, previous), _dot(grads, previous)]
         batch_terms = [0, 3, 5] if use_momentum else [0]
         stacked = torch.stack([t.double() for t in terms])
         if self._distributed:  # the batch terms of the ranks' batches together
