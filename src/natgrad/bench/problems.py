@@ -207,9 +207,9 @@ PROBLEMS: dict[str, Problem] = {
             build_model=lambda: autoencoder(MNIST_AUTOENCODER_SIZES),
             loss=bernoulli_loss,
             metric="test loss",
-            steps=400,
+            steps=300,
             batch_size=256,
-            evals=20,
+            evals=15,
         ),
         Problem(
             name="regression",
