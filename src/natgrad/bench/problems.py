@@ -207,9 +207,9 @@ PROBLEMS: dict[str, Problem] = {
             build_model=lambda: autoencoder(MNIST_AUTOENCODER_SIZES),
             loss=bernoulli_loss,
             metric="test loss",
-            steps=300,
+            steps=400,
             batch_size=256,
-            evals=15,
+            evals=20,
         ),
         Problem(
             name="regression",
