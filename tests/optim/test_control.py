@@ -318,8 +318,9 @@ def test_row_stride_uses_every_row_when_examples_interact():
 def test_curvature_rows_is_validated(bad):
     with pytest.raises(ValueError, match="curvature_rows"):
         check_rows(bad)
-    with pytest.raises(ValueError, match="curvature_rows"):
-        natgrad.KFAC(nn.Linear(3, 2), curvature_rows=bad)
+    for optimizer in (natgrad.KFAC, natgrad.EKFAC, natgrad.NGDCG, natgrad.NaturalGradient):
+        with pytest.raises(ValueError, match="curvature_rows"):
+            optimizer(nn.Linear(3, 2), curvature_rows=bad)
 
 
 @pytest.mark.parametrize(("slope", "quadratic"), [(-2.0, 5.0), (-1.0, 4.0), (-3.0, 12.0)])

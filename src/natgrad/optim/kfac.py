@@ -100,10 +100,11 @@ class KFAC(CurvatureOptimizer):
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings for
             ``damping="auto"``: steps between adjustments, floor, starting value. Each
             adjustment measures ρ on the step's batch (one extra forward); a step with
-            ρ < 0 (the loss of the batch it was fitted to went up) is rejected: parameters
-            unchanged, momentum restarted, counted in ``state["natgrad"]["rejected_steps"]``.
-            Checking every step (the default) is what keeps a rare bad step from undoing a
-            run; the forward costs less than the steps it saves.
+            ρ < 0 (the loss of the batch it was fitted to went up) is retried once at the
+            minimum of the parabola through the loss, its slope and the measured loss
+            (``state["natgrad"]["backtracked_steps"]``), else not taken: parameters
+            unchanged, momentum restarted (``["rejected_steps"]``). Checking every step
+            (the default) is what keeps a rare bad step from undoing a run.
         inverse_placement: under data parallelism, ``"balanced"`` computes each block's
             inverse (or eigenbasis) on one rank, chosen to balance the cost Σ d³ per rank,
             and broadcasts it; ``"everywhere"`` computes every inverse on every rank and

@@ -95,6 +95,8 @@ class NaturalGradient(CurvatureOptimizer):
         initial_damping, min_damping: start and floor of ``damping="auto"``. The exact
             batch Fisher has rank ≤ N·C: with less damping than ~0.1 the step fits the
             batch (ρ ≈ 1 on it) and fails on the next one, so both are higher than K-FAC's.
+        curvature_rows: rows of the batch for the quadratic model's Fisher terms (see
+            :class:`natgrad.KFAC`).
 
     Example:
         >>> opt = natgrad.NaturalGradient(model, lr=0.5, damping=1e-3, likelihood="categorical")
@@ -123,6 +125,7 @@ class NaturalGradient(CurvatureOptimizer):
         lm_every: int = 1,
         initial_damping: float = 1.0,
         min_damping: float = 0.1,
+        curvature_rows: int | str | None = "auto",
     ) -> None:
         likelihood = get_likelihood(likelihood)
         if kind == FisherKind.EMPIRICAL.value:
@@ -136,7 +139,7 @@ class NaturalGradient(CurvatureOptimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
             model, params, defaults, likelihood, output_fn, lm_every, min_damping,
-            initial_damping,
+            initial_damping, curvature_rows=curvature_rows,
         )
         self._capture = LayerCapture(
             model, {}, output_fn, trace=self.auto.enabled and supports_trace(model)
