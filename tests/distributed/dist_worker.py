@@ -215,6 +215,7 @@ def main(argv: list[str]) -> None:
             else:
                 result = run_scenario(name, world=world, rank=rank, device=device)
             torch.save(result, out / f"{name}-w{world}-r{rank}.pt")
+        dist.barrier()  # nobody leaves while a peer still uses the connections (gloo aborts)
     finally:
         dist.destroy_process_group()
 

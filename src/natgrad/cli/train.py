@@ -260,6 +260,9 @@ def _rank_main(
                 _report(result)
             else:
                 results.put(result)
+        # no rank tears its connections down while another still talks on them (gloo then
+        # aborts the late one: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
