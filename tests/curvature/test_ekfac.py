@@ -191,3 +191,33 @@ def test_ekfac_state_keys():
     state = opt.state[opt.model[0].weight]
     assert {"input_cov", "grad_cov", "eigvecs_in", "eigvecs_out", "scaling"} <= set(state)
     assert state["scaling"].shape == (5, 5)  # [d_out, d_in + 1]
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_eigh_falls_back_to_float64(monkeypatch, failure):
+    """float32 eigh can return NaN (seen on MNIST's input factor: zero border pixels) or not
+    converge: the decomposition is then redone in float64 and is exact."""
+    from natgrad.curvature.ekfac import stable_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(20, 8, generator=gen)
+    rows[:, :3] = 0  # inputs that are always zero: a repeated eigenvalue 0
+    matrix = rows.T @ rows / 20
+    original = torch.linalg.eigh
+    calls = []
+
+    def flaky(m):
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            if failure == "raise":
+                raise torch.linalg.LinAlgError("did not converge")
+            values, vectors = original(m)
+            return values, torch.full_like(vectors, float("nan"))
+        return original(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    eigvals, eigvecs = stable_eigh(matrix, torch.float32)
+    assert calls == [torch.float32, torch.float64]
+    assert eigvals.dtype == eigvecs.dtype == torch.float32
+    rebuilt = (eigvecs.double() * eigvals.double()) @ eigvecs.double().T
+    assert rel_err(rebuilt, matrix.double()) <= 1e-6  # float32 storage of a float64 result

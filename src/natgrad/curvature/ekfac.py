@@ -20,13 +20,30 @@ from natgrad.curvature.kfac import KroneckerBlock, _ema
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import Call
 
-__all__ = ["EigenBlock", "scaling_sum"]
+__all__ = ["EigenBlock", "scaling_sum", "stable_eigh"]
 
 
 def _project(matrices: Tensor, eigvecs_out: Tensor, eigvecs_in: Tensor | None) -> Tensor:
     """Q_Gᵀ X Q_A for a matrix X."""
     out = eigvecs_out.T @ matrices
     return out if eigvecs_in is None else out @ eigvecs_in
+
+
+def stable_eigh(matrix: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of a symmetric ``matrix`` in ``dtype``.
+
+    float32 LAPACK can return NaN for a factor with many exactly equal eigenvalues (input
+    pixels that are zero in every sample: MNIST's borders), or fail to converge; the
+    decomposition is then redone in float64.
+    """
+    try:
+        eigvals, eigvecs = torch.linalg.eigh(matrix.to(dtype))
+        if bool(torch.isfinite(eigvecs.sum())) and bool(torch.isfinite(eigvals.sum())):
+            return eigvals, eigvecs
+    except torch.linalg.LinAlgError:
+        pass
+    eigvals, eigvecs = torch.linalg.eigh(matrix.double())
+    return eigvals.to(dtype), eigvecs.to(dtype)
 
 
 def scaling_sum(
@@ -70,11 +87,11 @@ class EigenBlock(KroneckerBlock):
     def refresh(self, damping: float, method: str, dtype: torch.dtype) -> None:
         """Recompute the eigenbasis; restart the scaling from K-FAC's eigenvalues g ⊗ a."""
         A, G = self.state["input_cov"], self.state["grad_cov"]
-        eigvals_out, eigvecs_out = torch.linalg.eigh(G.to(dtype))
+        eigvals_out, eigvecs_out = stable_eigh(G, dtype)
         if A.dim() == 1:
             eigvals_in, eigvecs_in = A.to(dtype), None
         else:
-            eigvals_in, eigvecs_in = torch.linalg.eigh(A.to(dtype))
+            eigvals_in, eigvecs_in = stable_eigh(A, dtype)
         self.state["eigvecs_out"], self.state["eigvecs_in"] = eigvecs_out, eigvecs_in
         self.state["scaling"] = torch.outer(eigvals_out.clamp_min(0), eigvals_in.clamp_min(0))
 
