@@ -57,6 +57,15 @@ def _check_outputs(outputs: Tensor) -> None:
         )
 
 
+def _check_shape(name: str, value: Tensor, reference_name: str, reference: Tensor) -> None:
+    """Raise ValueError unless ``value`` is shaped like ``reference``."""
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
+            f"got {tuple(value.shape)}"
+        )
+
+
 class Likelihood:
     """Base class: a family p(y | f) of distributions indexed by the model's outputs ``f``.
 
@@ -104,11 +113,7 @@ class Likelihood:
     def fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         """Λ u per sample without forming Λ. ``vectors`` has the shape of ``outputs``."""
         _check_outputs(outputs)
-        if vectors.shape != outputs.shape:
-            raise ValueError(
-                f"vectors must have the shape of outputs {tuple(outputs.shape)}, "
-                f"got {tuple(vectors.shape)}"
-            )
+        _check_shape("vectors", vectors, "outputs", outputs)
         return self._fisher_matvec(outputs.detach(), vectors)
 
     def fisher_gram(self, outputs: Tensor, vectors: Sequence[Tensor]) -> Tensor:
@@ -117,11 +122,7 @@ class Likelihood:
         J·tᵢ, computed with one evaluation of the model's probabilities."""
         _check_outputs(outputs)
         for v in vectors:
-            if v.shape != outputs.shape:
-                raise ValueError(
-                    f"vectors must have the shape of outputs {tuple(outputs.shape)}, "
-                    f"got {tuple(v.shape)}"
-                )
+            _check_shape("vectors", v, "outputs", outputs)
         stacked = torch.stack(list(vectors)).reshape(len(vectors), -1, outputs.shape[-1])
         return self._fisher_gram(outputs.detach().reshape(-1, outputs.shape[-1]), stacked)
 
@@ -129,11 +130,7 @@ class Likelihood:
         """KL(p(·|f_p) ‖ p(·|f_q)) per sample, summed over positions. Returns ``[N]``."""
         _check_outputs(outputs_p)
         _check_outputs(outputs_q)
-        if outputs_p.shape != outputs_q.shape:
-            raise ValueError(
-                f"outputs_q must have the shape of outputs_p {tuple(outputs_p.shape)}, "
-                f"got {tuple(outputs_q.shape)}"
-            )
+        _check_shape("outputs_q", outputs_q, "outputs_p", outputs_p)
         return self._kl(outputs_p, outputs_q).reshape(outputs_p.shape[0], -1).sum(1)
 
     def mean(self, outputs: Tensor) -> Tensor:
@@ -146,11 +143,7 @@ class Likelihood:
         """−E_{y~q}[log p(y | f)] per sample for a target distribution q given by its mean
         (``soft_targets`` shaped like :meth:`mean`; one-hot rows give −log p(y | f)). ``[N]``"""
         _check_outputs(outputs)
-        if soft_targets.shape != outputs.shape:
-            raise ValueError(
-                f"soft_targets must have the shape of outputs {tuple(outputs.shape)}, "
-                f"got {tuple(soft_targets.shape)}"
-            )
+        _check_shape("soft_targets", soft_targets, "outputs", outputs)
         return self._cross_entropy(outputs, soft_targets).reshape(outputs.shape[0], -1).sum(1)
 
     def targets_from_grad(self, outputs: Tensor, output_grad: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ mode AD through the module (the generic path) costs several.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,17 @@ def sequential_jvp(
     return [current[:, i] for i in range(k)]
 
 
+def _joined_directions(
+    tangents: Sequence[dict[int, Tensor]], param: Tensor | None, join: Callable[..., Tensor]
+) -> Tensor | None:
+    """Every direction's part for ``param`` joined by ``join`` (``torch.cat`` or
+    ``torch.stack``), zeros where a direction leaves it alone; None if all do (or no param)."""
+    parts = [None if param is None else t.get(id(param)) for t in tangents]
+    if all(part is None for part in parts):
+        return None
+    return join([torch.zeros_like(param) if part is None else part for part in parts])
+
+
 def _linear_tangent(
     module: nn.Linear,
     layer_input: Tensor,
@@ -104,20 +115,14 @@ def _linear_tangent(
     """t_out = t_in Wᵀ + ā Dᵀ (+ D_b) for k directions at once, layout ``[N, k, ..., d_out]``."""
     k, d_out = len(tangents), module.out_features
     total = None
-    weight_dirs = [t.get(id(module.weight)) for t in tangents]
-    if any(w is not None for w in weight_dirs):
-        stacked = torch.cat([
-            torch.zeros_like(module.weight) if w is None else w for w in weight_dirs
-        ])  # [k·d_out, d_in]: every direction in one matmul
+    stacked = _joined_directions(tangents, module.weight, torch.cat)  # [k·d_out, d_in]
+    if stacked is not None:  # every direction in one matmul
         local = (layer_input @ stacked.T).reshape(*layer_input.shape[:-1], k, d_out)
         total = local if layer_input.dim() == 2 else local.movedim(-2, 1)
-    if module.bias is not None:
-        bias_dirs = [t.get(id(module.bias)) for t in tangents]
-        if any(b is not None for b in bias_dirs):
-            bias = torch.stack([
-                torch.zeros_like(module.bias) if b is None else b for b in bias_dirs
-            ]).reshape(1, k, *([1] * (layer_input.dim() - 2)), d_out)
-            total = bias if total is None else total + bias
+    bias = _joined_directions(tangents, module.bias, torch.stack)
+    if bias is not None:
+        bias = bias.reshape(1, k, *([1] * (layer_input.dim() - 2)), d_out)
+        total = bias if total is None else total + bias
     if current is not None:  # 2-D matmul: [N·k·…, d_in] @ [d_in, d_out]
         propagated = (current.reshape(-1, current.shape[-1]) @ module.weight.detach().T)
         propagated = propagated.reshape(*current.shape[:-1], d_out)
@@ -139,20 +144,14 @@ def _conv_tangent(
         return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation)
 
     total = None
-    weight_dirs = [t.get(id(module.weight)) for t in tangents]
-    if any(w is not None for w in weight_dirs):
-        stacked = torch.cat([
-            torch.zeros_like(module.weight) if w is None else w for w in weight_dirs
-        ])  # [k·C_out, C_in, kh, kw]: every direction in one convolution
+    stacked = _joined_directions(tangents, module.weight, torch.cat)  # [k·C_out, C_in, kh, kw]
+    if stacked is not None:  # every direction in one convolution
         local = conv(layer_input, stacked)
         total = local.reshape(local.shape[0], k, c_out, *local.shape[2:])
-    if module.bias is not None:
-        bias_dirs = [t.get(id(module.bias)) for t in tangents]
-        if any(b is not None for b in bias_dirs):
-            bias = torch.stack([
-                torch.zeros_like(module.bias) if b is None else b for b in bias_dirs
-            ]).reshape(1, k, c_out, 1, 1)
-            total = bias if total is None else total + bias
+    bias = _joined_directions(tangents, module.bias, torch.stack)
+    if bias is not None:
+        bias = bias.reshape(1, k, c_out, 1, 1)
+        total = bias if total is None else total + bias
     if current is not None:  # the k directions folded into the batch
         current = current.expand(layer_input.shape[0], *current.shape[1:])
         propagated = conv(current.reshape(-1, *current.shape[2:]), module.weight.detach())
