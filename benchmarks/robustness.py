@@ -16,60 +16,25 @@ divergence in 3 seeds on any problem.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 import warnings
 
 import torch
 
-import natgrad
 from natgrad.bench import PROBLEMS
-from natgrad.bench.data import batch_indices
 from natgrad.bench.optimizers import OPTIMIZERS, load_tuned
-from natgrad.bench.results import seconds_to_target
+from natgrad.bench.results import seconds_to_target, steps_to_target, time_ratio
 from natgrad.bench.runner import train_run
 
 EVAL_EVERY = 10
-
-
-def natgrad_run(problem, data, name: str, seed: int, steps: int, target: float) -> dict:
-    """Train with ``natgrad.<name>`` defaults until ``target``; steps, seconds, counters."""
-    torch.manual_seed(seed)
-    model = problem.build_model()
-    opt = getattr(natgrad, name)(model, likelihood=problem.likelihood)
-    indices = batch_indices(data.num_train, problem.batch_size, steps, seed)
-    autoencoder = data.y_train is data.x_train
-    elapsed, reached, diverged = 0.0, None, False
-    for step in range(1, steps + 1):
-        x = data.x_train[indices[step - 1]]
-        y = x if autoencoder else data.y_train[indices[step - 1]]
-        start = time.perf_counter()
-        opt.zero_grad()
-        problem.loss(model(x), y).backward()
-        opt.step()
-        elapsed += time.perf_counter() - start
-        if step % EVAL_EVERY == 0:
-            loss = problem.dataset_loss(model, data.x_train, data.y_train)
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            if loss <= target:
-                reached = step
-                break
-    state = opt.state["natgrad"]
-    return {
-        "steps": reached, "seconds": elapsed if reached else None, "diverged": diverged,
-        "backtracked": state.get("backtracked_steps", 0),
-        "rejected": state.get("rejected_steps", 0),
-        "skipped": state.get("skipped_steps", 0),
-    }
+NATGRAD_DEFAULTS = {"KFAC": "kfac-auto", "EKFAC": "ekfac-auto", "NGDCG": "ngdcg"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--problems", default=",".join(PROBLEMS))
-    parser.add_argument("--optimizers", default="KFAC,EKFAC")
+    parser.add_argument("--optimizers", default="KFAC,EKFAC",
+                        help=f"comma-separated, of {sorted(NATGRAD_DEFAULTS)}")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,12 +55,17 @@ def main() -> None:
             target = reference.curve.final_loss
             adam_seconds = seconds_to_target(reference.curve, target)
             for opt_name in args.optimizers.split(","):
-                run = natgrad_run(problem, data, opt_name, seed, problem.steps, target)
-                ratio = ("–" if run["seconds"] is None or not adam_seconds
-                         else f"{run['seconds'] / adam_seconds:.2f}")
-                print(f"| {name} | {seed} | {opt_name} | {run['steps'] or '–'} | {ratio} | "
-                      f"{run['backtracked']} | {run['rejected']} | {run['skipped']} | "
-                      f"{'yes' if run['diverged'] else 'no'} |", flush=True)
+                spec = OPTIMIZERS[NATGRAD_DEFAULTS[opt_name]]
+                run = train_run(problem, data, spec, {}, steps=problem.steps,
+                                eval_every=EVAL_EVERY, seed=seed, stop_at=target)
+                ratio = time_ratio(seconds_to_target(run.curve, target), adam_seconds)
+                counts = run.counters
+                print(f"| {name} | {seed} | {opt_name} | "
+                      f"{steps_to_target(run.curve, target) or '–'} | "
+                      f"{'–' if ratio is None else f'{ratio:.2f}'} | "
+                      f"{counts.get('backtracked_steps', 0)} | {counts.get('rejected_steps', 0)} | "
+                      f"{counts.get('skipped_steps', 0)} | {'yes' if run.diverged else 'no'} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,29 @@ def test_divergence_stops_the_run(regression_data) -> None:
     assert math.isnan(result.test_metric)
 
 
+def test_stop_at_ends_the_run_at_the_first_evaluation_at_or_below(regression_data) -> None:
+    spec = OPTIMIZERS["sgd"]
+    hparams = {"lr": 0.05, "momentum": 0.9}
+    full = train_run(REGRESSION, regression_data, spec, hparams, steps=20, eval_every=2, seed=0)
+    target = full.curve.losses[5]  # reached at step 10 (or earlier: the first loss ≤ it)
+    first = next(i for i, loss in enumerate(full.curve.losses) if loss <= target)
+    stopped = train_run(REGRESSION, regression_data, spec, hparams, steps=20, eval_every=2,
+                        seed=0, stop_at=target)
+    assert stopped.curve.steps == full.curve.steps[: first + 1]
+    assert stopped.curve.losses == full.curve.losses[: first + 1]
+    assert len(stopped.step_times) == stopped.curve.steps[-1] and not stopped.diverged
+
+
+def test_natgrad_step_counters_are_reported(regression_data) -> None:
+    kfac = train_run(REGRESSION, regression_data, OPTIMIZERS["kfac-auto"], {}, steps=4,
+                     eval_every=2, seed=0)
+    assert set(kfac.counters) >= {"skipped_steps"}
+    assert all(isinstance(v, int) and v >= 0 for v in kfac.counters.values())
+    sgd = train_run(REGRESSION, regression_data, OPTIMIZERS["sgd"], {"lr": 0.01}, steps=2,
+                    eval_every=2, seed=0)
+    assert sgd.counters == {}
+
+
 def test_run_bench_shape() -> None:
     config = BenchConfig(problems=("regression", "digits-mlp"), optimizers=("sgd", "ngd"),
                          steps=4, threads=1, quiet=True)

@@ -70,6 +70,8 @@ class RunResult:
         step_times: wall-clock seconds of each optimizer step.
         test_metric: test accuracy or test loss after the last step.
         diverged: whether the run stopped early on a non-finite loss.
+        counters: natgrad's step counters (``skipped_steps``, ``backtracked_steps``,
+            ``rejected_steps`` of ``state["natgrad"]``); empty for torch.optim optimizers.
     """
 
     optimizer: str
@@ -78,6 +80,7 @@ class RunResult:
     step_times: list[float]
     test_metric: float
     diverged: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def final_train_loss(self) -> float:

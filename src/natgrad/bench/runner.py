@@ -128,6 +128,9 @@ class BenchConfig:
         return values
 
 
+COUNTERS = ("skipped_steps", "backtracked_steps", "rejected_steps")  # of state["natgrad"]
+
+
 def _check_names(kind: str, names: Any, known: list[str], available: list[str]) -> None:
     if not names:
         raise ValueError(f"no {kind}s given; choose from {','.join(available)}")
@@ -164,6 +167,7 @@ def train_run(
     eval_every: int,
     seed: int,
     progress: bool = False,
+    stop_at: float | None = None,
 ) -> RunResult:
     """Train ``problem``'s model with one optimizer and record its curve and step times.
 
@@ -177,6 +181,7 @@ def train_run(
             always evaluated).
         seed: seeds the initial weights and the minibatch order.
         progress: show a tqdm progress bar on stderr.
+        stop_at: stop once an evaluated training loss is ≤ this (None: run every step).
 
     Returns:
         The run; it stops early (``diverged=True``) once an evaluated loss is not finite.
@@ -216,8 +221,12 @@ def train_run(
                 if not math.isfinite(full):
                     diverged = True
                     break
+                if stop_at is not None and full <= stop_at:
+                    break
     metric = math.nan if diverged else problem.test_metric(model, dataset)
-    return RunResult(spec.name, dict(hparams), curve, step_times, metric, diverged)
+    state = optimizer.state.get("natgrad", {})
+    counters = {k: int(state[k]) for k in COUNTERS if k in state}
+    return RunResult(spec.name, dict(hparams), curve, step_times, metric, diverged, counters)
 
 
 def environment(config: BenchConfig) -> dict[str, Any]:
