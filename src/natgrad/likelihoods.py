@@ -139,12 +139,19 @@ class Likelihood:
         _check_outputs(outputs)
         return self._mean(outputs)
 
-    def cross_entropy(self, outputs: Tensor, soft_targets: Tensor) -> Tensor:
+    def cross_entropy(
+        self, outputs: Tensor, soft_targets: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         """−E_{y~q}[log p(y | f)] per sample for a target distribution q given by its mean
-        (``soft_targets`` shaped like :meth:`mean`; one-hot rows give −log p(y | f)). ``[N]``"""
+        (``soft_targets`` shaped like :meth:`mean`; one-hot rows give −log p(y | f)), summed
+        over the positions that ``valid`` marks (bool, ``[N, ...]`` as the per-position
+        values; default: all). ``[N]``"""
         _check_outputs(outputs)
         _check_shape("soft_targets", soft_targets, "outputs", outputs)
-        return self._cross_entropy(outputs, soft_targets).reshape(outputs.shape[0], -1).sum(1)
+        values = self._cross_entropy(outputs, soft_targets)
+        if valid is not None:
+            values = values * valid.reshape(values.shape).to(values.dtype)
+        return values.reshape(outputs.shape[0], -1).sum(1)
 
     def targets_from_grad(self, outputs: Tensor, output_grad: Tensor) -> Tensor:
         """Recover the (soft) targets from ∂L/∂f of the batch-mean negative log-likelihood L.

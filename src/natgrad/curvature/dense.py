@@ -23,7 +23,8 @@ from natgrad.curvature.model import (
     check_kind,
     output_factor,
 )
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Likelihood
+from natgrad.losses import LossSpec, resolve_loss
 
 __all__ = ["fisher_matrix", "fisher_rows"]
 
@@ -56,34 +57,38 @@ def _row_chunks(
 
 def _outputs_and_factor(
     fmodel: FunctionalModel,
-    likelihood: Likelihood,
+    spec: LossSpec,
     inputs: tuple[Tensor, ...],
     kind: FisherKind,
     targets: Tensor | None,
     mc_samples: int,
     generator: torch.Generator | None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         outputs = fmodel.outputs(fmodel.detached_params(), inputs)
-    return outputs, output_factor(likelihood, outputs, kind, targets, mc_samples, generator)
+    return outputs, output_factor(spec, outputs, kind, targets, mc_samples, generator, valid)
 
 
 def fisher_rows(
     fmodel: FunctionalModel,
-    likelihood: Likelihood,
+    spec: LossSpec,
     inputs: tuple[Tensor, ...],
     kind: FisherKind,
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     max_memory: int | None = None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rows U, ``[N·R, P]``, with F = Uᵀ U, and the model's outputs ``[N, ...]``.
 
-    Uₙ = Sₙᵀ Jₙ / √N stacked over samples. Used by the Woodbury solve, where N·R < P.
+    Uₙ = Sₙᵀ Jₙ / √N stacked over samples (the canonical, batch-mean Fisher; positions that
+    ``valid`` or ``targets`` mark as ignored have zero rows). Used by the Woodbury solve,
+    where N·R < P.
     """
     outputs, factor = _outputs_and_factor(
-        fmodel, likelihood, inputs, kind, targets, mc_samples, generator
+        fmodel, spec, inputs, kind, targets, mc_samples, generator, valid
     )
     n, _, r = factor.shape
     need = n * r * fmodel.num_params * outputs.element_size()
@@ -101,7 +106,8 @@ def fisher_matrix(
     model: nn.Module,
     inputs: Inputs,
     *,
-    likelihood: str | Likelihood,
+    likelihood: str | Likelihood | None = None,
+    loss: nn.Module | None = None,
     kind: str = "true",
     targets: Tensor | None = None,
     mc_samples: int = 1,
@@ -118,12 +124,23 @@ def fisher_matrix(
     ``targets`` for ``kind="empirical"``. Rows and columns follow ``model.parameters()``
     order (those with ``requires_grad``), each parameter flattened row-major.
 
+    With ``loss=`` (a torch loss module, see :class:`natgrad.losses.LossSpec`) the result is
+    the Fisher *of that loss as it is normalised*: c·F with the loss = c·J, J the batch-mean
+    negative log-likelihood (c = 2/K for ``nn.MSELoss()`` over K outputs per example, N/n
+    for a token mean over n valid tokens, ...), which for these exponential families is
+    the Gauss–Newton matrix of the loss; positions whose ``targets`` equal the loss's
+    ``ignore_index`` contribute nothing. ``targets`` then may be shaped as the loss takes
+    them (``y.view(-1)`` for ``[B, T, V]`` logits).
+
     Args:
         model: any ``nn.Module`` whose samples do not interact (e.g. BatchNorm in eval mode).
         inputs: a Tensor ``[N, ...]`` or a tuple of Tensors batched along dimension 0.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        loss: instead of ``likelihood``: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or
+            ``nn.BCEWithLogitsLoss`` (reduction ``"mean"`` or ``"sum"``).
         kind: ``"true"``, ``"mc"`` or ``"empirical"``.
-        targets: observed labels, required for ``kind="empirical"``.
+        targets: observed labels, required for ``kind="empirical"``; with ``loss=`` they
+            also mark ignored positions for every kind.
         mc_samples: labels drawn per input for ``kind="mc"``.
         generator: random source for ``kind="mc"``.
         output_fn: maps the module's output to the likelihood's parameters (dict/tuple outputs).
@@ -133,7 +150,9 @@ def fisher_matrix(
         F, ``[P, P]``, symmetric positive semi-definite, in the parameters' dtype.
 
     Raises:
-        ValueError: unknown ``likelihood`` or ``kind``, missing ``targets``, bad ``mc_samples``.
+        ValueError: unknown ``likelihood`` or ``kind``, missing ``targets``, bad ``mc_samples``,
+            both or neither of ``likelihood`` and ``loss``, a loss module natgrad can't
+            represent (class weights, ``pos_weight``, ``reduction="none"``).
         TypeError: inputs or targets of the wrong type or dtype.
         FisherTooLargeError: (a ``MemoryError``) if P×P would not fit; the message names the
             structured alternatives.
@@ -148,7 +167,7 @@ def fisher_matrix(
         Amari, Natural gradient works efficiently in learning, 1998.
         Martens, New insights and perspectives on the natural gradient method, 2020.
     """
-    likelihood = get_likelihood(likelihood)
+    spec = resolve_loss(likelihood, loss, required=True)
     kind = check_kind(kind, targets, mc_samples)
     inputs = as_tuple(inputs)
     fmodel = FunctionalModel(model, output_fn)
@@ -162,9 +181,10 @@ def fisher_matrix(
             f"{budget / 2**20:.1f} MiB available; {_STRUCTURED}"
         )
     outputs, factor = _outputs_and_factor(
-        fmodel, likelihood, inputs, kind, targets, mc_samples, generator
+        fmodel, spec, inputs, kind, targets, mc_samples, generator
     )
     fisher = torch.zeros(p, p, dtype=outputs.dtype, device=outputs.device)
     for rows in _row_chunks(fmodel, outputs, factor, inputs, budget - need):
         fisher.addmm_(rows.T, rows)
-    return fisher / factor.shape[0]
+    valid = spec.valid_from_targets(outputs, targets)
+    return fisher * (spec.fisher_scale(outputs, valid) / factor.shape[0])

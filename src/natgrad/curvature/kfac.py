@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from natgrad.curvature.model import Inputs, as_tuple, check_kind, output_factor
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.capture import Call, LayerCapture, find_layers
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Likelihood
+from natgrad.losses import resolve_loss
 
 __all__ = [
     "FactorSums",
@@ -52,13 +53,23 @@ class FactorSums:
     def _add(total: Tensor | None, value: Tensor) -> Tensor:
         return value if total is None else total + value
 
-    def add_inputs(self, handler: KroneckerHandler, inputs: Tensor, dtype: torch.dtype) -> None:
-        rows = handler.input_rows(inputs)
+    def add_inputs(
+        self, handler: KroneckerHandler, inputs: Tensor, dtype: torch.dtype,
+        valid: Tensor | None = None,
+    ) -> None:
+        """Add Σ āāᵀ over the input's rows; with ``valid`` (``[N, ...]`` bool, the positions
+        the loss counts) only over valid rows, where the rows are those positions."""
+        keep = None
+        if valid is not None and handler.positions(inputs) == tuple(valid.shape):
+            keep = valid.reshape(-1)
         if handler.diagonal_input:
-            self.input_sum = self._add(self.input_sum, handler.input_counts(inputs, dtype))
-        else:
-            rows = rows.to(dtype)
-            self.input_sum = self._add(self.input_sum, rows.T @ rows)
+            indices = inputs.reshape(-1) if keep is None else inputs.reshape(-1)[keep]
+            self.input_sum = self._add(self.input_sum, handler.input_counts(indices, dtype))
+            self.rows += indices.shape[0]
+            return
+        rows = handler.input_rows(inputs)
+        rows = (rows if keep is None else rows[keep]).to(dtype)
+        self.input_sum = self._add(self.input_sum, rows.T @ rows)
         self.rows += rows.shape[0]
 
     def add_grads(self, rows: Tensor, weight: float) -> None:
@@ -79,16 +90,18 @@ def record_sums(
     sums: FactorSums,
     weights: list[float],
     dtype: torch.dtype,
+    valid: Tensor | None = None,
 ) -> None:
     """Add one forward's statistics of one layer to ``sums``.
 
     ``calls[i].grads[j]`` is δ of draw j at call i (shaped like the layer output), weighted
-    by ``weights[j]``.
+    by ``weights[j]``; ``valid`` marks the positions the loss counts (see
+    :meth:`FactorSums.add_inputs`).
     """
     sums.samples += batch_size
     for call in calls:
         if isinstance(handler, KroneckerHandler):
-            sums.add_inputs(handler, call.inputs, dtype)
+            sums.add_inputs(handler, call.inputs, dtype, valid)
             for grad, weight in zip(call.grads, weights, strict=True):
                 sums.add_grads(handler.grad_rows(grad).to(dtype), weight)
         else:
@@ -142,7 +155,8 @@ def kfac_factors(
     model: nn.Module,
     inputs: Inputs,
     *,
-    likelihood: str | Likelihood,
+    likelihood: str | Likelihood | None = None,
+    loss: nn.Module | None = None,
     kind: str = "true",
     targets: Tensor | None = None,
     mc_samples: int = 1,
@@ -161,9 +175,14 @@ def kfac_factors(
     (Conv2d: W reshaped to ``[C_out, C_in·kh·kw]``; Embedding: on Wᵀ). Normalisation layers
     have dense blocks, not Kronecker factors, and are not in the result.
 
+    With ``loss=``, G is on the loss's scale (c·G, see :func:`natgrad.fisher_matrix`) and
+    positions that ``targets`` mark as ignored contribute to neither factor (A drops their
+    rows where a layer's input rows are the output's positions, e.g. a Linear layer on
+    ``[B, T, d]`` inputs of a model with ``[B, T, V]`` outputs).
+
     Args:
-        model, inputs, likelihood, kind, targets, mc_samples, generator, output_fn: as in
-            :func:`natgrad.fisher_matrix`.
+        model, inputs, likelihood, loss, kind, targets, mc_samples, generator, output_fn: as
+            in :func:`natgrad.fisher_matrix`.
 
     Returns:
         ``{module name: (A, G)}`` in ``model.named_modules()`` order.
@@ -177,7 +196,7 @@ def kfac_factors(
         curvature, 2015. Grosse & Martens, A Kronecker-factored approximate Fisher matrix for
         convolution layers, 2016.
     """
-    likelihood = get_likelihood(likelihood)
+    spec = resolve_loss(likelihood, loss, required=True)
     kind = check_kind(kind, targets, mc_samples)
     handlers = {
         name: h for name, h in find_layers(model).handlers.items()
@@ -189,7 +208,9 @@ def kfac_factors(
     output = output if output_fn is None else output_fn(output)
     if record is None:
         return {}
-    factor = output_factor(likelihood, output, kind, targets, mc_samples, generator)
+    factor = output_factor(spec, output, kind, targets, mc_samples, generator)
+    valid = spec.valid_from_targets(output, targets)
+    scale = spec.fisher_scale(output, valid)
     calls = [call for name in handlers for call in record.calls.get(name, [])]
     for column in factor.unbind(-1):  # δ for each column of S: Σ_col δδᵀ = E_y[δδᵀ]
         grads = torch.autograd.grad(
@@ -205,7 +226,7 @@ def kfac_factors(
         sums = FactorSums()
         record_sums(
             handler, record.calls[name], record.batch_size, sums,
-            [1.0] * factor.shape[-1], output.dtype,
+            [scale] * factor.shape[-1], output.dtype, valid,
         )
         result[name] = (sums.input_factor(), sums.grad_factor())
     return result

@@ -26,9 +26,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from natgrad.likelihoods import Likelihood
+from natgrad.losses import LossSpec
 
-__all__ = ["FisherKind", "FunctionalModel", "output_factor", "check_kind", "FisherTooLargeError"]
+__all__ = [
+    "FisherKind",
+    "FisherTooLargeError",
+    "FunctionalModel",
+    "check_kind",
+    "output_factor",
+    "position_weights",
+]
 
 Inputs = Tensor | Sequence[Tensor]
 
@@ -67,26 +74,51 @@ def as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
     raise TypeError("inputs must be a Tensor or a non-empty tuple/list of Tensors")
 
 
+def position_weights(
+    spec: LossSpec, outputs: Tensor, targets: Tensor | None, valid: Tensor | None = None
+) -> Tensor | None:
+    """1 where an output entry's position counts, 0 where it is ignored, shaped like
+    ``outputs``, from ``valid`` (``[N, ...]`` bool) if given, else from the ``targets``
+    (``ignore_index``); None when every position counts."""
+    if valid is None:
+        valid = spec.valid_from_targets(outputs, targets)
+    if valid is None:
+        return None
+    if spec.likelihood.name == "categorical":
+        valid = valid.unsqueeze(-1)
+    return valid.expand_as(outputs).to(outputs.dtype)
+
+
 def output_factor(
-    likelihood: Likelihood,
+    spec: LossSpec,
     outputs: Tensor,
     kind: FisherKind,
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """The output-space factor Sₙ of the chosen Fisher kind, ``[N, K, R]`` (see module doc)."""
+    """The output-space factor Sₙ of the chosen Fisher kind, ``[N, K, R]`` (see module doc).
+
+    Rows of positions that the loss ignores (``valid`` False, or ``ignore_index`` in
+    ``targets``) are zero.
+    """
     outputs = outputs.detach()
+    likelihood = spec.likelihood
     n = outputs.shape[0]
     if kind is FisherKind.TRUE:
-        return likelihood.fisher_factor(outputs)
-    if kind is FisherKind.EMPIRICAL:
-        return likelihood.score(outputs, targets).reshape(n, -1, 1)
-    scores = [
-        likelihood.score(outputs, likelihood.sample(outputs, generator)).reshape(n, -1)
-        for _ in range(mc_samples)
-    ]
-    return torch.stack(scores, dim=-1) / math.sqrt(mc_samples)
+        factor = likelihood.fisher_factor(outputs)
+    elif kind is FisherKind.EMPIRICAL:
+        score = spec.soft_targets(outputs, targets) - likelihood.mean(outputs)
+        factor = score.reshape(n, -1, 1)
+    else:
+        scores = [
+            likelihood.score(outputs, likelihood.sample(outputs, generator)).reshape(n, -1)
+            for _ in range(mc_samples)
+        ]
+        factor = torch.stack(scores, dim=-1) / math.sqrt(mc_samples)
+    weights = position_weights(spec, outputs, targets, valid)
+    return factor if weights is None else factor * weights.reshape(n, -1, 1)
 
 
 class FunctionalModel:

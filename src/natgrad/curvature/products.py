@@ -19,8 +19,10 @@ from natgrad.curvature.model import (
     check_kind,
     flatten,
     output_factor,
+    position_weights,
 )
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Likelihood
+from natgrad.losses import LossSpec, resolve_loss
 
 __all__ = [
     "conjugate_gradient",
@@ -31,18 +33,23 @@ __all__ = [
 
 
 def output_operator(
-    likelihood: Likelihood,
+    spec: LossSpec,
     outputs: Tensor,
     kind: FisherKind,
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    valid: Tensor | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """u ↦ Λ̃ u per sample (u shaped like ``outputs``) for the chosen Fisher kind."""
+    """u ↦ Λ̃ u per sample (u shaped like ``outputs``) for the chosen Fisher kind; zero at
+    positions that ``valid`` or ``targets`` mark as ignored."""
     outputs = outputs.detach()
     if kind is FisherKind.TRUE:
-        return lambda u: likelihood.fisher_matvec(outputs, u)
-    factor = output_factor(likelihood, outputs, kind, targets, mc_samples, generator)
+        weights = position_weights(spec, outputs, targets, valid)
+        if weights is None:
+            return lambda u: spec.likelihood.fisher_matvec(outputs, u)
+        return lambda u: spec.likelihood.fisher_matvec(outputs, u * weights) * weights
+    factor = output_factor(spec, outputs, kind, targets, mc_samples, generator, valid)
 
     def apply(u: Tensor) -> Tensor:
         flat = u.reshape(u.shape[0], -1, 1)
@@ -57,7 +64,8 @@ def fisher_vector_product(
     inputs: Inputs,
     v: Tensor,
     *,
-    likelihood: str | Likelihood,
+    likelihood: str | Likelihood | None = None,
+    loss: nn.Module | None = None,
     kind: str = "true",
     targets: Tensor | None = None,
     mc_samples: int = 1,
@@ -67,13 +75,14 @@ def fisher_vector_product(
     """F v for the Fisher of :func:`natgrad.fisher_matrix`, matrix-free.
 
     F v = (1/N) Σₙ Jₙᵀ Λ̃ₙ (Jₙ v), with Λ̃ the output-space Fisher of ``kind`` (see
-    :func:`natgrad.fisher_matrix`); same conventions and parameter order.
+    :func:`natgrad.fisher_matrix`); same conventions and parameter order, and with
+    ``loss=`` the same scale (the Fisher of that loss as it is normalised).
 
     Args:
         model: any ``nn.Module`` whose samples do not interact.
         inputs: a Tensor ``[N, ...]`` or a tuple of Tensors batched along dimension 0.
         v: a flat vector ``[P]`` in ``model.parameters()`` order.
-        likelihood, kind, targets, mc_samples, generator, output_fn: as in
+        likelihood, loss, kind, targets, mc_samples, generator, output_fn: as in
             :func:`natgrad.fisher_matrix`.
 
     Returns:
@@ -93,7 +102,7 @@ def fisher_vector_product(
         Schraudolph, Fast curvature matrix-vector products for second-order gradient
         descent, 2002.
     """
-    likelihood = get_likelihood(likelihood)
+    spec = resolve_loss(likelihood, loss, required=True)
     kind = check_kind(kind, targets, mc_samples)
     inputs = as_tuple(inputs)
     fmodel = FunctionalModel(model, output_fn)
@@ -105,23 +114,29 @@ def fisher_vector_product(
         raise TypeError(
             f"v must have the parameters' dtype {fmodel.params[0].dtype}, got {v.dtype}"
         )
-    operator = fisher_operator(fmodel, inputs, likelihood, kind, targets, mc_samples, generator)
+    operator = fisher_operator(
+        fmodel, inputs, spec, kind, targets, mc_samples, generator, loss_scale=True
+    )
     return operator(v)
 
 
 def fisher_operator(
     fmodel: FunctionalModel,
     inputs: tuple[Tensor, ...],
-    likelihood: Likelihood,
+    spec: LossSpec,
     kind: FisherKind = FisherKind.TRUE,
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     frozen_buffers: bool = False,
+    loss_scale: bool = False,
+    valid: Tensor | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """v ↦ F v on one batch, for repeated products (CG): the reverse pass is built once.
 
     ``v`` is flat, ``[P]`` over ``fmodel.params``. Each product costs one forward-mode pass.
+    The product is the canonical (batch-mean) Fisher's, or with ``loss_scale`` that of the
+    loss as ``spec`` normalises it (c times the canonical one, see :func:`fisher_matrix`).
     """
     params = fmodel.detached_params()
 
@@ -129,12 +144,14 @@ def fisher_operator(
         return fmodel.outputs(ps, inputs, frozen_buffers=frozen_buffers)
 
     outputs, vjp_fn = torch.func.vjp(f, *params)
-    apply = output_operator(likelihood, outputs, kind, targets, mc_samples, generator)
+    apply = output_operator(spec, outputs, kind, targets, mc_samples, generator, valid)
     n = outputs.shape[0]
+    if loss_scale:
+        n = n / spec.fisher_scale(outputs, spec.valid_from_targets(outputs, targets))
 
     def product(v: Tensor) -> Tensor:
         _, jv = torch.func.jvp(f, params, tuple(fmodel.unflatten(v)))  # v -> J v
-        return flatten(vjp_fn(apply(jv) / n))  # -> Jᵀ Λ̃ J v / N
+        return flatten(vjp_fn(apply(jv) / n))  # -> Jᵀ Λ̃ J v / N (· c)
 
     return product
 

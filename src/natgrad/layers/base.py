@@ -62,6 +62,12 @@ class KroneckerHandler(LayerHandler):
         """ā for every sample and position, ``[N·T, d_in]`` (bias column last if any)."""
         raise NotImplementedError
 
+    def positions(self, inputs: Tensor) -> tuple[int, ...] | None:
+        """The shape ``[N, ...]`` that :meth:`input_rows` flattens, when each row is one
+        position of the input (so that rows of positions the loss ignores can be dropped);
+        None when rows are not positions (a convolution's patches)."""
+        return None
+
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         """δ for every sample and position, ``[N·T, d_out]``, from ∂/∂(layer output)."""
         raise NotImplementedError

@@ -218,6 +218,9 @@ class LayerCapture:
             self._on_backward(record, out)
         finally:
             self._in_backward = False
+        for calls in record.calls.values():
+            for call in calls:
+                call.output = None  # the statistics need only δ from here on
 
     def take(self) -> list[ForwardRecord]:
         """Records whose backward ran since the last call (others are dropped)."""

@@ -25,6 +25,9 @@ class EmbeddingHandler(KroneckerHandler):
         """Token indices of every sample and position, ``[N·T]`` (the one-hot rows' support)."""
         return inputs.reshape(-1)
 
+    def positions(self, inputs: Tensor) -> tuple[int, ...]:
+        return tuple(inputs.shape)
+
     def input_counts(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
         """Σ āāᵀ's diagonal: how often each token occurs, ``[V]``."""
         return torch.bincount(inputs.reshape(-1), minlength=self.module.num_embeddings).to(dtype)

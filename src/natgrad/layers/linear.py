@@ -25,6 +25,9 @@ class LinearHandler(KroneckerHandler):
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows
 
+    def positions(self, inputs: Tensor) -> tuple[int, ...]:
+        return tuple(inputs.shape[:-1])
+
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         return grad_outputs.reshape(-1, grad_outputs.shape[-1])
 

@@ -5,6 +5,12 @@ hyper-parameter validation, param groups that must belong to the model, ``step(c
 skipping (and counting) steps whose loss, gradient or curvature is not finite, weight decay,
 momentum and the learning rate. Subclasses implement one hook, :meth:`_precondition`, which
 maps the gradients to update directions.
+
+Every step works on the canonical objective J of :mod:`natgrad.losses`: the forwards since
+the last step are taken from the capture as a :class:`natgrad.curvature.batch.StepBatch`,
+the accumulated gradient is divided by its ``grad_scale`` (∇J, whatever the loss's
+reduction, token mean or accumulation), and the quadratic model and ρ use its masks and
+recovered targets. Weight decay is a penalty on J.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel, swapped_tensors
 from natgrad.distributed.comm import Communicator, unwrap_model
-from natgrad.layers.capture import ForwardRecord, LayerCapture
+from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
+from natgrad.losses import LossSpec
 from natgrad.optim.control import (
     AutoSettings,
     QuadraticControl,
@@ -113,7 +121,7 @@ class CurvatureOptimizer(Optimizer):
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
         defaults: dict[str, Any],
-        likelihood: Likelihood,
+        loss_spec: LossSpec,
         output_fn: Callable[[Any], Tensor] | None = None,
         lm_every: int = 1,
         min_damping: float = 1e-5,
@@ -152,13 +160,10 @@ class CurvatureOptimizer(Optimizer):
             if any(id(p) not in model_params for p in group["params"]):
                 raise ValueError("params must be parameters of model")
         self.model = unwrap_model(model)
-        self.likelihood = likelihood
+        self.loss_spec = loss_spec
         self.output_fn = output_fn
         self._comm = Communicator(process_group)
-        self._control = QuadraticControl(
-            self.auto, likelihood, self._comm if self.data_parallel else None
-        )
-        self._records: list[ForwardRecord] = []
+        self._control = QuadraticControl(self.auto, self._comm if self.data_parallel else None)
         self._capture: LayerCapture  # set by subclasses: what they need to see of forwards
         self._warned: set[str] = set()
         if self._comm.active and not self.data_parallel:
@@ -168,6 +173,11 @@ class CurvatureOptimizer(Optimizer):
                 "DistributedDataParallel the ranks' parameters drift apart (KFAC, EKFAC and "
                 "NGDCG support data parallelism)",
             )
+
+    @property
+    def likelihood(self) -> Likelihood:
+        """The predictive distribution p(y | f) of the loss."""
+        return self.loss_spec.likelihood
 
     @property
     def communicator(self) -> Communicator:
@@ -199,7 +209,6 @@ class CurvatureOptimizer(Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _skip(self, reason: str) -> None:
-        self._capture.take()  # the skipped batch's forwards must not feed the next step
         self.global_state["skipped_steps"] += 1
         self._warn_once(
             "skip",
@@ -222,6 +231,8 @@ class CurvatureOptimizer(Optimizer):
         params = self._params_with_grad()
         if not params:
             return loss
+        # the forwards since the last step (also when skipping: they must not feed the next)
+        batch = StepBatch(self._capture.take(), self.loss_spec)
         if not _is_finite(loss):
             self._skip("loss")
             return loss
@@ -229,14 +240,15 @@ class CurvatureOptimizer(Optimizer):
             self._skip("gradient")
             return loss
         groups = self._group_of()
-        grads = {p: self._regularised_grad(p, groups[id(p)]) for p in params}
-        directions = self._precondition(grads, loss)
+        scale = batch.grad_scale
+        grads = {p: self._regularised_grad(p, groups[id(p)], scale) for p in params}
+        directions = self._precondition(grads, batch)
         # with automatic settings the quadratic model checks the directions (dᵀd is finite)
         if directions is None or not (self.auto.enabled or all_finite(directions.values())):
             self._skip("curvature")
             return loss
         if self.auto.enabled:
-            if not self._apply_auto(grads, directions):
+            if not self._apply_auto(grads, directions, batch):
                 self._skip("quadratic model")
                 return loss
         else:
@@ -248,21 +260,25 @@ class CurvatureOptimizer(Optimizer):
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
     @staticmethod
-    def _regularised_grad(p: Tensor, group: dict[str, Any]) -> Tensor:
+    def _regularised_grad(p: Tensor, group: dict[str, Any], scale: float) -> Tensor:
+        """∇J (the accumulated gradient over ``scale``), plus the L2 penalty's gradient."""
+        grad = p.grad if scale == 1.0 else p.grad / scale
         wd = group.get("weight_decay", 0.0)
         if wd and not group.get("decoupled_weight_decay", False):
-            return p.grad + wd * p  # L2: the penalty's gradient is preconditioned too
-        return p.grad
+            return grad + wd * p  # L2: the penalty's gradient is preconditioned too
+        return grad
 
     def _precondition(
-        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+        self, grads: dict[Tensor, Tensor], batch: StepBatch
     ) -> dict[Tensor, Tensor] | None:
         """Map gradients to update directions Δ (the step is −lr·Δ). None: skip the step."""
         raise NotImplementedError
 
-    def _apply_auto(self, grads: dict[Tensor, Tensor], directions: dict[Tensor, Tensor]) -> bool:
+    def _apply_auto(
+        self, grads: dict[Tensor, Tensor], directions: dict[Tensor, Tensor], batch: StepBatch
+    ) -> bool:
         """δ = a·d + m·δ₀ from the quadratic model; LM damping (see :mod:`.control`)."""
-        if not self._records:
+        if not batch:
             raise RuntimeError(
                 f"{type(self).__name__}.step() with automatic lr/momentum/damping needs the "
                 "current batch, but no forward of the model was backpropagated since the last step"
@@ -284,7 +300,7 @@ class CurvatureOptimizer(Optimizer):
         uniform = len(set(lrs)) == 1
         with self._capture.paused():
             result = self._control.updates(
-                fmodel, self._records, [grads[p] for p in params], descent,
+                fmodel, batch, [grads[p] for p in params], descent,
                 previous if has_previous else None, damping, wd,
                 fixed=(1.0, first.get("momentum", 0.0)),
                 scale=lrs[0] if self.auto.lr and uniform else 1.0,
@@ -299,7 +315,7 @@ class CurvatureOptimizer(Optimizer):
         state.update(alpha=info["alpha"], mu=info["mu"])
         if self.auto.damping and state["step"] % self.auto.lm_every == 0:
             predicted = info["predicted_change"]
-            rho = self._reduction_ratio(fmodel, params, trial, update, predicted, wd)
+            rho = self._reduction_ratio(fmodel, batch, params, trial, update, predicted, wd)
             state["rho"] = rho
             state["damping"] = lm_update(
                 damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
@@ -311,7 +327,7 @@ class CurvatureOptimizer(Optimizer):
                     trial = self._trial(params, update, groups)
                     # the undamped model at tδ: t·slope + t²·(its quadratic part at δ)
                     at_t = t * info["slope"] + t * t * (predicted - info["slope"])
-                    rho = self._reduction_ratio(fmodel, params, trial, update, at_t, wd)
+                    rho = self._reduction_ratio(fmodel, batch, params, trial, update, at_t, wd)
                 if t is None or not rho >= 0:
                     state["rejected_steps"] = state.get("rejected_steps", 0) + 1
                     for p in params:
@@ -337,8 +353,8 @@ class CurvatureOptimizer(Optimizer):
         return trial
 
     def _reduction_ratio(
-        self, fmodel: FunctionalModel, params: list[Tensor], trial: list[Tensor],
-        update: list[Tensor], predicted: float, wd: float,
+        self, fmodel: FunctionalModel, batch: StepBatch, params: list[Tensor],
+        trial: list[Tensor], update: list[Tensor], predicted: float, wd: float,
     ) -> float:
         """ρ of the step to ``trial`` on this step's batch (see :mod:`.control`)."""
         penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
@@ -348,7 +364,7 @@ class CurvatureOptimizer(Optimizer):
             ))
         swap = {id(p): t for p, t in zip(params, trial, strict=True)}
         with self._capture.paused(), swapped_tensors(self.model, swap):
-            return self._control.reduction_ratio(fmodel, self._records, predicted, penalty)
+            return self._control.reduction_ratio(fmodel, batch, predicted, penalty)
 
     def _apply(self, directions: dict[Tensor, Tensor]) -> None:
         # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first

@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.products import conjugate_gradient, fisher_operator
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.comm import mean_operator
-from natgrad.layers.capture import LayerCapture, batch_inputs
+from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.optim.base import check_choice, check_positive
 from natgrad.optim.kfac import KFAC
@@ -36,7 +37,7 @@ class NGDCG(KFAC):
     batches (one all-reduce per CG iteration), so every rank solves the same system.
 
     Args:
-        model, params, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
+        model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
         decoupled_weight_decay, inverse_placement, process_group: as in
         :class:`natgrad.KFAC` (statistics serve the preconditioner only).
@@ -49,7 +50,7 @@ class NGDCG(KFAC):
         preconditioner: ``"kfac"``, ``"diagonal"`` or ``"none"``.
 
     Example:
-        >>> opt = natgrad.NGDCG(model, likelihood="categorical")
+        >>> opt = natgrad.NGDCG(model, loss=nn.CrossEntropyLoss())
         >>> opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 
     References:
@@ -68,7 +69,8 @@ class NGDCG(KFAC):
         lr: float | str = "auto",
         damping: float | str = "auto",
         momentum: float | str = "auto",
-        likelihood: str | Likelihood = "categorical",
+        loss: nn.Module | None = None,
+        likelihood: str | Likelihood | None = None,
         cg_max_iters: int = 10,
         cg_tol: float = 1e-3,
         preconditioner: str = "kfac",
@@ -87,7 +89,8 @@ class NGDCG(KFAC):
         kwargs.setdefault("min_damping", 0.1)
         kwargs.setdefault("lm_every", 1)
         super().__init__(
-            model, params, lr=lr, damping=damping, momentum=momentum, likelihood=likelihood,
+            model, params, lr=lr, damping=damping, momentum=momentum, loss=loss,
+            likelihood=likelihood,
             stat_every=stat_every, inv_every=inv_every, **kwargs,
         )
 
@@ -102,7 +105,7 @@ class NGDCG(KFAC):
         diagonal = self.preconditioner == "diagonal"
         self.fallback = [p for g in self.param_groups for p in g["params"]] if diagonal else []
         self._capture = LayerCapture(
-            model, {}, output_fn, on_backward=self._on_backward,
+            model, {}, output_fn, on_backward=self._label_sampler(),
             trace=self.auto.enabled and supports_trace(model),
         )
 
@@ -112,11 +115,11 @@ class NGDCG(KFAC):
             self._capture.active = False
 
     def _precondition(
-        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+        self, grads: dict[Tensor, Tensor], batch: StepBatch
     ) -> dict[Tensor, Tensor] | None:
-        if not self._update_curvature(grads):
+        if not self._update_curvature(grads, batch):
             return None
-        if not self._records:
+        if not batch:
             raise RuntimeError(
                 "NGDCG.step() needs the Fisher of the current batch, but no forward of the "
                 "model was backpropagated since the last step"
@@ -128,8 +131,10 @@ class NGDCG(KFAC):
         if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
             shift += first["weight_decay"]
         with self._capture.paused():
-            inputs = batch_inputs(self._records)
-            fisher = fisher_operator(fmodel, inputs, self.likelihood, frozen_buffers=True)
+            inputs = batch.inputs()
+            fisher = fisher_operator(
+                fmodel, inputs, self.loss_spec, frozen_buffers=True, valid=batch.valid_rows()
+            )
             # data parallel: F v of the ranks' batches together (one all-reduce per product)
             fisher = mean_operator(self._comm, fisher, inputs[0].shape[0])
 

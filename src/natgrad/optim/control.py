@@ -1,7 +1,8 @@
 """Damping and step-size control shared by all optimizers (Martens & Grosse 2015, §6–7).
 
 Given the preconditioned direction Δ (descent d = −Δ) and the previous update δ₀, the update
-is δ = a·d + m·δ₀. The quadratic model of the batch-mean negative log-likelihood J,
+is δ = a·d + m·δ₀. The quadratic model of the canonical objective J (the batch-mean negative
+log-likelihood, see :mod:`natgrad.losses`),
 
     M(δ) = ∇Jᵀδ + ½ δᵀ (F + (λ + η) I) δ,
 
@@ -23,9 +24,9 @@ a fraction of the forward-mode cost (``curvature_rows``, :func:`row_stride`). Th
 terms and ρ always use the whole batch: a row subset's gradient is too noisy for them.
 
 J(θ+δ) needs the batch's targets, which the optimizer never sees: they are recovered
-exactly from the loss's gradient with respect to the model's output (see
-:meth:`natgrad.likelihoods.Likelihood.targets_from_grad`), assuming the loss is the
-batch-mean negative log-likelihood of the optimizer's likelihood.
+exactly from the loss's gradient with respect to the model's output and the loss's
+normalisation (:meth:`natgrad.curvature.batch.StepBatch.targets`). Positions the loss
+ignores enter neither the Fisher terms nor ρ.
 
 Data parallel: given a :class:`natgrad.distributed.Communicator`, the batch terms (the
 Fisher's 2×2 Gram matrix, the loss change) are averaged over the ranks' batches, weighted by
@@ -44,11 +45,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel
 from natgrad.curvature.tangents import sequential_jvp
 from natgrad.distributed.comm import Communicator
-from natgrad.layers.capture import ForwardRecord, batch_inputs
-from natgrad.likelihoods import Likelihood
+from natgrad.layers.capture import ForwardRecord
 
 __all__ = [
     "AutoSettings",
@@ -232,11 +233,8 @@ class QuadraticControl:
     ``comm``: averages the batch terms over data-parallel ranks (None: this batch only).
     """
 
-    def __init__(
-        self, settings: AutoSettings, likelihood: Likelihood, comm: Communicator | None = None
-    ) -> None:
+    def __init__(self, settings: AutoSettings, comm: Communicator | None = None) -> None:
         self.settings = settings
-        self.likelihood = likelihood
         self.comm = comm
 
     @property
@@ -246,7 +244,7 @@ class QuadraticControl:
     def updates(
         self,
         fmodel: FunctionalModel,
-        records: list[ForwardRecord],
+        batch: StepBatch,
         grads: list[Tensor],
         descent: list[Tensor],
         previous: list[Tensor] | None,
@@ -262,14 +260,19 @@ class QuadraticControl:
         when ``lr="auto"``, so that LR schedulers still act). Returns None if a non-finite
         quantity appears.
         """
-        inputs = batch_inputs(records)
+        records = batch.records
         use_momentum = previous is not None and (self.settings.momentum or fixed[1] != 0.0)
         tangents = [descent] + ([previous] if use_momentum else [])
         stride = row_stride(self.settings.rows, records, fmodel.model)
-        outputs, products = _jvps(fmodel, records, inputs, tangents, stride)
+        outputs, products = _jvps(fmodel, records, batch.inputs(), tangents, stride)
         n = outputs.shape[0]
+        valid = batch.valid_rows()
+        if valid is not None:  # ignored positions: no Fisher term
+            weights = valid[::stride].unsqueeze(-1).to(outputs.dtype)
+            products = [product * weights for product in products]
 
-        gram = self.likelihood.fisher_gram(outputs, products) / n  # (J·tᵢ)ᵀ Λ (J·tⱼ) / N
+        likelihood = batch.spec.likelihood
+        gram = likelihood.fisher_gram(outputs, products) / n  # (J·tᵢ)ᵀ Λ (J·tⱼ) / N
         terms = [gram[0, 0], _dot(descent, descent), _dot(grads, descent)]
         if use_momentum:
             terms += [gram[0, 1], _dot(descent, previous), gram[1, 1],
@@ -314,7 +317,7 @@ class QuadraticControl:
     def reduction_ratio(
         self,
         fmodel: FunctionalModel,
-        records: list[ForwardRecord],
+        batch: StepBatch,
         predicted: float,
         penalty_change: float = 0.0,
     ) -> float:
@@ -322,13 +325,9 @@ class QuadraticControl:
         and M₀ the undamped model; ``penalty_change`` is the L2 penalty's part of the change."""
         if predicted >= 0:
             return -math.inf  # the model predicts no decrease: treat as a failed step
-        targets = [  # per record: each forward's loss is a mean over its own batch
-            self.likelihood.targets_from_grad(r.output, r.output_grad) for r in records
-        ]
-        before_all = torch.cat([self.likelihood.cross_entropy(r.output, y)
-                                for r, y in zip(records, targets, strict=True)])
-        outputs = fmodel.frozen_forward(batch_inputs(records))
-        after = self.likelihood.cross_entropy(outputs, torch.cat(targets))
+        targets = batch.targets()  # canonical per-row losses, ignored positions left out
+        before_all = batch.loss_rows(batch.outputs(), targets)
+        after = batch.loss_rows(fmodel.frozen_forward(batch.inputs()), targets)
         if self._distributed:  # the mean change over the ranks' batches together
             sums = torch.stack([(after.sum() - before_all.sum()).double(),
                                 after.new_tensor(after.numel(), dtype=torch.float64)])

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.ekfac import EigenBlock, scaling_sum
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, record_sums
 from natgrad.curvature.model import FisherKind, check_kind
+from natgrad.curvature.sampling import LabelSampler
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.kfac import FactorSync
 from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import ForwardRecord, LayerCapture, find_layers
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Likelihood
+from natgrad.losses import resolve_loss
 from natgrad.optim.base import (
     CurvatureOptimizer,
     all_finite,
@@ -83,9 +87,20 @@ class KFAC(CurvatureOptimizer):
         momentum: heavy-ball momentum in [0, 1), or ``"auto"`` (chosen jointly with lr).
         weight_decay: weight decay; L2 (preconditioned) unless ``decoupled_weight_decay``.
         decoupled_weight_decay: apply weight decay as θ ← θ(1 − lr·wd) (AdamW-style).
-        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        loss: the loss as the training loop computes it, a torch loss module:
+            ``nn.CrossEntropyLoss()`` (reduction ``"mean"`` or ``"sum"``, ``ignore_index``,
+            ``label_smoothing``; logits ``[N, ..., C]`` flattened to tokens or not),
+            ``nn.MSELoss()`` or ``nn.BCEWithLogitsLoss()`` (``"mean"`` or ``"sum"``). It
+            defines the likelihood and the normalisation (see :mod:`natgrad.losses`): the
+            step does not depend on how the loss is normalised, ignored positions count
+            nowhere, and with k forwards backpropagated before one ``step()`` each loss is
+            taken as divided by k (gradient accumulation). The loop may call the
+            functional form (``F.cross_entropy``) with the same settings.
+        likelihood: instead of ``loss``: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``
+            or a Likelihood, with the loss the batch mean of each example's negative
+            log-likelihood summed over its outputs. Neither: ``"categorical"``.
         kind: ``"true"`` (labels sampled from the model) or ``"empirical"`` (the loss's own
-            gradients, assuming the loss is the batch-mean negative log-likelihood).
+            gradients).
         mc_samples: sampled labels per input for ``kind="true"``.
         stat_every: steps between statistics updates.
         inv_every: steps between inverse (or eigenbasis) refreshes.
@@ -117,7 +132,7 @@ class KFAC(CurvatureOptimizer):
             an int, or None for every row.
 
     Example:
-        >>> opt = natgrad.KFAC(model, likelihood="categorical")  # automatic lr, momentum, damping
+        >>> opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss())  # automatic lr, momentum, damping
         >>> opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 
     References:
@@ -142,7 +157,8 @@ class KFAC(CurvatureOptimizer):
         momentum: float | str = "auto",
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
-        likelihood: str | Likelihood = "categorical",
+        loss: nn.Module | None = None,
+        likelihood: str | Likelihood | None = None,
         kind: str = "true",
         mc_samples: int = 1,
         stat_every: int = 5,
@@ -162,7 +178,7 @@ class KFAC(CurvatureOptimizer):
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
     ) -> None:
-        likelihood = get_likelihood(likelihood)
+        spec = resolve_loss(likelihood, loss)
         kind = check_choice("kind", kind, ("true", "mc", "empirical"))
         # the optimizer's true Fisher is estimated with sampled labels: "mc" is the same thing
         self.kind = FisherKind.EMPIRICAL if kind == "empirical" else FisherKind.TRUE
@@ -185,7 +201,7 @@ class KFAC(CurvatureOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(
-            model, params, defaults, likelihood, output_fn, lm_every, min_damping,
+            model, params, defaults, spec, output_fn, lm_every, min_damping,
             initial_damping, process_group, curvature_rows,
         )
         self._sync = FactorSync(self._comm, placement)
@@ -194,9 +210,11 @@ class KFAC(CurvatureOptimizer):
         ref = self.param_groups[0]["params"][0]
         self.factor_dtype = factor_dtype or ref.dtype
         self.inverse_dtype = inverse_dtype or self.factor_dtype
-        self._setup_layers(self.model, exclude, output_fn)
         self._generator = torch.Generator(device=ref.device)
         self._generator.manual_seed(seed + self._comm.rank)  # ranks draw different labels
+        self._setup_layers(self.model, exclude, output_fn)
+        # the hooks hold no reference to the optimizer; they go when it goes
+        weakref.finalize(self, self._capture.remove)
         self._sync_capture()
 
     # --- set-up -----------------------------------------------------------------------------
@@ -231,12 +249,17 @@ class KFAC(CurvatureOptimizer):
                 f"parameters {self._fallback_effect}: {', '.join(modules)}",
             )
         handlers = {name: block.handler for name, block in self.blocks.items()}
-        empirical = self.kind is FisherKind.EMPIRICAL
         self._capture = LayerCapture(
             model, handlers, output_fn,
-            on_backward=self._on_backward, grad_hooks=empirical,
+            on_backward=self._label_sampler(), grad_hooks=self.kind is FisherKind.EMPIRICAL,
             trace=self.auto.enabled and supports_trace(model),
         )
+
+    def _label_sampler(self) -> LabelSampler | None:
+        """Draws the true Fisher's labels inside the loss's backward (None: empirical)."""
+        if self.kind is FisherKind.EMPIRICAL:
+            return None
+        return LabelSampler(self.loss_spec, self._generator, self.mc_samples, self.fallback)
 
     def _sync_capture(self) -> None:
         # statistics are gathered on steps 0, stat_every, 2·stat_every, ...
@@ -267,41 +290,23 @@ class KFAC(CurvatureOptimizer):
         self._sync_capture()
 
     # --- statistics -------------------------------------------------------------------------
-    def _on_backward(self, record: ForwardRecord, output: Tensor) -> None:
-        """Inside the loss's backward: backpropagate labels drawn from the model."""
-        calls = [call for calls in record.calls.values() for call in calls]
-        if self.kind is FisherKind.TRUE and (calls or self.fallback):
-            targets = [c.output for c in calls] + self.fallback
-            detached = output.detach()
-            for _ in range(self.mc_samples):
-                labels = self.likelihood.sample(detached, self._generator)
-                score = self.likelihood.score(detached, labels)  # ∂ Σ log p / ∂ output
-                grads = torch.autograd.grad(
-                    output, targets, score, retain_graph=True, allow_unused=True
-                )
-                for call, grad in zip(calls, grads, strict=False):
-                    call.grads.append(torch.zeros_like(call.output) if grad is None else grad)
-                record.sampled_param_grads.append(list(grads[len(calls):]))
-        for call in calls:
-            call.output = None  # the statistics need only δ from here on
-
-    def _draw_weights(self, record: ForwardRecord) -> list[float]:
+    def _draw_weights(self, batch: StepBatch, index: int) -> list[float]:
+        """Weights of forward ``index``'s δ draws in G (on the canonical scale)."""
         if self.kind is FisherKind.EMPIRICAL:
-            return [float(record.batch_size) ** 2]  # δ = N · ∂(mean loss)/∂s
+            return [batch.scales[index] ** -2]  # the loss's δ is s·(per-sample δ)
         return [1.0 / self.mc_samples] * self.mc_samples
 
-    def _gather_statistics(
-        self, records: list[ForwardRecord], grads: dict[Tensor, Tensor]
-    ) -> bool:
-        """Fold the records' statistics into the EMAs; False if any is not finite."""
+    def _gather_statistics(self, batch: StepBatch, grads: dict[Tensor, Tensor]) -> bool:
+        """Fold the batch's statistics into the EMAs; False if any is not finite."""
+        records = batch.records
         new: dict[str, FactorSums] = {}
         for name, block in self.blocks.items():
             sums = FactorSums()
-            for record in records:
+            for i, record in enumerate(records):
                 if name in record.calls:
                     record_sums(
                         block.handler, record.calls[name], record.batch_size, sums,
-                        self._draw_weights(record), self.factor_dtype,
+                        self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
                     )
             if sums.samples:
                 new[name] = sums
@@ -362,7 +367,7 @@ class KFAC(CurvatureOptimizer):
                         out[p] = value if p not in out else out[p] + value
         return out
 
-    def _extra_statistics(self, records: list[ForwardRecord]) -> None:
+    def _extra_statistics(self, batch: StepBatch) -> None:
         """Hook for EKFAC's scaling statistics."""
 
     # --- the update ---------------------------------------------------------------------------
@@ -378,20 +383,19 @@ class KFAC(CurvatureOptimizer):
             if block.ready:
                 refresh(block)
 
-    def _update_curvature(self, grads: dict[Tensor, Tensor]) -> bool:
+    def _update_curvature(self, grads: dict[Tensor, Tensor], batch: StepBatch) -> bool:
         """Statistics (on statistics steps) and refreshes (every ``inv_every`` steps).
 
-        Takes this step's forward records. False if a statistic is not finite.
+        False if a statistic is not finite.
         """
-        records = self._records = self._capture.take()
-        has_stats = any(r.stats for r in records)
-        if has_stats and not self._gather_statistics(records, grads):
+        has_stats = any(r.stats for r in batch.records)
+        if has_stats and not self._gather_statistics(batch, grads):
             return False
         due = self.global_state["step"] % self.inv_every == 0
         if due or not all(b.refreshed for b in self.blocks.values() if b.ready):
             self._refresh(self._group_of())
         if has_stats:
-            self._extra_statistics(records)
+            self._extra_statistics(batch)
         return True
 
     def _kfac_directions(
@@ -424,9 +428,9 @@ class KFAC(CurvatureOptimizer):
         return {p: d for p, d in directions.items() if p in grads}
 
     def _precondition(
-        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+        self, grads: dict[Tensor, Tensor], batch: StepBatch
     ) -> dict[Tensor, Tensor] | None:
-        if not self._update_curvature(grads):
+        if not self._update_curvature(grads, batch):
             return None
         quadratics: list[Tensor] | None = [] if self.kl_clip is not None else None
         directions = self._kfac_directions(grads, quadratics)
@@ -465,17 +469,17 @@ class EKFAC(KFAC):
 
     _block_type = EigenBlock
 
-    def _extra_statistics(self, records: list[ForwardRecord]) -> None:
+    def _extra_statistics(self, batch: StepBatch) -> None:
         parts: dict[str, tuple[Tensor | None, int]] = {}
         for name, block in self.blocks.items():
             if not isinstance(block, EigenBlock) or not block.refreshed:
                 continue
             total, samples = None, 0
-            for record in records:
+            for i, record in enumerate(batch.records):
                 if name not in record.calls:
                     continue
                 part = scaling_sum(
-                    block.handler, record.calls[name], self._draw_weights(record),
+                    block.handler, record.calls[name], self._draw_weights(batch, i),
                     block.state["eigvecs_out"], block.state["eigvecs_in"],
                 )
                 total = part if total is None else total + part

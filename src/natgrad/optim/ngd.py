@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.dense import fisher_rows
 from natgrad.curvature.model import FisherKind, FunctionalModel, check_kind, flatten, unflatten
 from natgrad.curvature.tangents import supports_trace
-from natgrad.layers.capture import LayerCapture, batch_inputs
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.layers.capture import LayerCapture
+from natgrad.likelihoods import Likelihood
+from natgrad.losses import resolve_loss
 from natgrad.optim.base import CurvatureOptimizer, check_choice
 
 __all__ = ["NaturalGradient", "damped_solve"]
@@ -63,7 +65,7 @@ def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
 class NaturalGradient(CurvatureOptimizer):
     """Exact natural-gradient descent for models of up to ~10⁴ parameters.
 
-    Δθ = −lr (F + damping·I)⁻¹ ∇J, with F the Fisher of ``likelihood`` on the batch of the
+    Δθ = −lr (F + damping·I)⁻¹ ∇J, with F the Fisher of the loss's likelihood on the batch of the
     last forward (several forwards with gradient accumulation), computed at ``step()`` from
     per-sample Jacobians. With momentum μ: buf ← μ buf + Δ, θ ← θ − lr buf.
 
@@ -72,8 +74,8 @@ class NaturalGradient(CurvatureOptimizer):
     Woodbury identity; ``solver`` overrides the choice. Each param group may set its own
     ``lr``, ``damping``, ``momentum`` and ``weight_decay`` (damping becomes a diagonal).
 
-    The loss whose gradient is preconditioned should be the batch-mean negative
-    log-likelihood of ``likelihood`` (``cross_entropy`` for categorical, etc.).
+    J and F are on the canonical scale of :mod:`natgrad.losses` (the batch mean of each
+    example's negative log-likelihood), whatever the reduction of ``loss``.
 
     Args:
         model: the module being trained; its forward must take Tensor arguments batched
@@ -84,7 +86,9 @@ class NaturalGradient(CurvatureOptimizer):
         damping: Tikhonov damping added to F, > 0, or ``"auto"`` (Levenberg–Marquardt).
         momentum: heavy-ball momentum in [0, 1), or ``"auto"`` (quadratic model).
         weight_decay: L2 penalty (added to the gradient, so it is preconditioned too).
-        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a Likelihood.
+        loss: the training loop's torch loss module (see :class:`natgrad.KFAC`).
+        likelihood: instead of ``loss``: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``
+            or a Likelihood (the loss the batch-mean NLL); neither: ``"categorical"``.
         kind: ``"true"`` (exact expectation), ``"mc"`` (sampled labels) or ``"empirical"``
             (not available here: the optimizer never sees the targets).
         mc_samples: labels per input for ``kind="mc"``.
@@ -99,7 +103,7 @@ class NaturalGradient(CurvatureOptimizer):
             :class:`natgrad.KFAC`).
 
     Example:
-        >>> opt = natgrad.NaturalGradient(model, lr=0.5, damping=1e-3, likelihood="categorical")
+        >>> opt = natgrad.NaturalGradient(model, lr=0.5, damping=1e-3, loss=nn.CrossEntropyLoss())
         >>> opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 
     References:
@@ -116,7 +120,8 @@ class NaturalGradient(CurvatureOptimizer):
         damping: float | str = 1e-1,
         momentum: float | str = 0.0,
         weight_decay: float = 0.0,
-        likelihood: str | Likelihood = "categorical",
+        loss: nn.Module | None = None,
+        likelihood: str | Likelihood | None = None,
         kind: str = "true",
         mc_samples: int = 1,
         solver: str = "auto",
@@ -127,7 +132,7 @@ class NaturalGradient(CurvatureOptimizer):
         min_damping: float = 0.1,
         curvature_rows: int | str | None = "auto",
     ) -> None:
-        likelihood = get_likelihood(likelihood)
+        spec = resolve_loss(likelihood, loss)
         if kind == FisherKind.EMPIRICAL.value:
             raise ValueError(
                 "kind='empirical' needs the targets, which an optimizer does not see; use "
@@ -138,7 +143,7 @@ class NaturalGradient(CurvatureOptimizer):
         self.solver = check_choice("solver", solver, SOLVERS)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
-            model, params, defaults, likelihood, output_fn, lm_every, min_damping,
+            model, params, defaults, spec, output_fn, lm_every, min_damping,
             initial_damping, curvature_rows=curvature_rows,
         )
         self._capture = LayerCapture(
@@ -158,10 +163,9 @@ class NaturalGradient(CurvatureOptimizer):
             self._generator.set_state(rng.cpu())
 
     def _precondition(
-        self, grads: dict[Tensor, Tensor], loss: Tensor | None
+        self, grads: dict[Tensor, Tensor], batch: StepBatch
     ) -> dict[Tensor, Tensor] | None:
-        records = self._records = self._capture.take()
-        if not records:
+        if not batch:
             raise RuntimeError(
                 "NaturalGradient.step() needs the Fisher of the current batch, but no forward of "
                 "the model was backpropagated since the last step"
@@ -172,11 +176,11 @@ class NaturalGradient(CurvatureOptimizer):
             p.new_full((p.numel(),), self.damping_of(groups[id(p)])) for p in params
         ])
         grad = flatten([grads[p] for p in params])
-        inputs = batch_inputs(records)
         fmodel = FunctionalModel(self.model, self.output_fn, params)
         with self._capture.paused():
             rows, _ = fisher_rows(
-                fmodel, self.likelihood, inputs, self.kind, None, self.mc_samples, self._generator
+                fmodel, self.loss_spec, batch.inputs(), self.kind, None, self.mc_samples,
+                self._generator, valid=batch.valid_rows(),
             )
         if not bool(torch.isfinite(rows).all()):
             return None
