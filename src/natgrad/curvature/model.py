@@ -26,6 +26,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "check_kind",
     "output_factor",
     "position_weights",
+    "sampled_score",
 ]
 
 Inputs = Tensor | Sequence[Tensor]
@@ -89,6 +91,26 @@ def position_weights(
     return valid.expand_as(outputs).to(outputs.dtype)
 
 
+def sampled_score(
+    likelihood: Likelihood,
+    outputs: Tensor,
+    generator: torch.Generator | None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """The score ∂ log p(ŷ | f)/∂f of labels ŷ drawn from the model, shaped like ``outputs``.
+
+    With ``valid`` (``[N, ...]`` bool over the categorical positions), labels are drawn only
+    for the valid positions, in order, and the score is zero elsewhere: padding consumes no
+    random numbers, so padded data draws the labels of the same data without the padding.
+    """
+    if valid is None:
+        return likelihood.score(outputs, likelihood.sample(outputs, generator))
+    kept = outputs[valid]  # [n_valid, C]
+    score = torch.zeros_like(outputs)
+    score[valid] = likelihood.score(kept, likelihood.sample(kept, generator))
+    return score
+
+
 def output_factor(
     spec: LossSpec,
     outputs: Tensor,
@@ -112,8 +134,10 @@ def output_factor(
         score = spec.soft_targets(outputs, targets) - likelihood.mean(outputs)
         factor = score.reshape(n, -1, 1)
     else:
+        if valid is None:
+            valid = spec.valid_from_targets(outputs, targets)
         scores = [
-            likelihood.score(outputs, likelihood.sample(outputs, generator)).reshape(n, -1)
+            sampled_score(likelihood, outputs, generator, valid).reshape(n, -1)
             for _ in range(mc_samples)
         ]
         factor = torch.stack(scores, dim=-1) / math.sqrt(mc_samples)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from natgrad.curvature.model import sampled_score
 from natgrad.layers.capture import ForwardRecord
 from natgrad.losses import LossSpec
 
@@ -52,14 +53,10 @@ class LabelSampler:
         likelihood = self.spec.likelihood
         detached = output.detach()
         valid = self.spec.valid(record.output_grad)
-        if valid is not None and likelihood.name == "categorical":
-            valid = valid.unsqueeze(-1)
         targets = [c.output for c in calls] + self.extra_targets
         for _ in range(self.mc_samples):
-            labels = likelihood.sample(detached, self.generator)
-            score = likelihood.score(detached, labels)  # ∂ Σ log p / ∂ output
-            if valid is not None:
-                score = score * valid.to(score.dtype)
+            # ∂ Σ log p(ŷ) / ∂ output, zero (and no draw) at ignored positions
+            score = sampled_score(likelihood, detached, self.generator, valid)
             grads = torch.autograd.grad(
                 output, targets, score, retain_graph=True, allow_unused=True
             )
