@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -61,3 +62,32 @@ def test_unused_forward_is_released_at_the_next_step():
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_a_replaced_optimizer_leaves_no_hooks_and_draws_no_labels(name):
+    """A second optimizer on the same model, the first deleted: one set of hooks, and the
+    step equals that of a model that never had the first optimizer (one label stream)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    fresh = copy.deepcopy(model)
+
+    def hooks(m):
+        return [len(mod._forward_hooks) for mod in m.modules()]
+
+    kept = FACTORIES[name](copy.deepcopy(model))
+    alone = hooks(kept.model)
+    assert sum(alone) > 0
+    first = FACTORIES[name](model)
+    del first
+    gc.collect()
+    second = FACTORIES[name](model)
+    assert hooks(model) == alone
+    reference = FACTORIES[name](fresh)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for m, opt in ((model, second), (fresh, reference)):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)

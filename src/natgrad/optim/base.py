@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -173,6 +174,12 @@ class CurvatureOptimizer(Optimizer):
                 "DistributedDataParallel the ranks' parameters drift apart (KFAC, EKFAC and "
                 "NGDCG support data parallelism)",
             )
+
+    def _attach(self, capture: LayerCapture) -> LayerCapture:
+        """The optimizer's hooks on the model: they hold no reference to the optimizer and
+        are removed when it is garbage-collected (a replaced optimizer leaves no hooks)."""
+        weakref.finalize(self, capture.remove)
+        return capture
 
     @property
     def likelihood(self) -> Likelihood:

@@ -104,10 +104,10 @@ class NGDCG(KFAC):
         self.excluded = set()
         diagonal = self.preconditioner == "diagonal"
         self.fallback = [p for g in self.param_groups for p in g["params"]] if diagonal else []
-        self._capture = LayerCapture(
+        self._capture = self._attach(LayerCapture(
             model, {}, output_fn, on_backward=self._label_sampler(),
             trace=self.auto.enabled and supports_trace(model),
-        )
+        ))
 
     def _sync_capture(self) -> None:
         super()._sync_capture()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -213,8 +212,6 @@ class KFAC(CurvatureOptimizer):
         self._generator = torch.Generator(device=ref.device)
         self._generator.manual_seed(seed + self._comm.rank)  # ranks draw different labels
         self._setup_layers(self.model, exclude, output_fn)
-        # the hooks hold no reference to the optimizer; they go when it goes
-        weakref.finalize(self, self._capture.remove)
         self._sync_capture()
 
     # --- set-up -----------------------------------------------------------------------------
@@ -249,11 +246,11 @@ class KFAC(CurvatureOptimizer):
                 f"parameters {self._fallback_effect}: {', '.join(modules)}",
             )
         handlers = {name: block.handler for name, block in self.blocks.items()}
-        self._capture = LayerCapture(
+        self._capture = self._attach(LayerCapture(
             model, handlers, output_fn,
             on_backward=self._label_sampler(), grad_hooks=self.kind is FisherKind.EMPIRICAL,
             trace=self.auto.enabled and supports_trace(model),
-        )
+        ))
 
     def _label_sampler(self) -> LabelSampler | None:
         """Draws the true Fisher's labels inside the loss's backward (None: empirical)."""

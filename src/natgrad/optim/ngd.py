@@ -146,9 +146,9 @@ class NaturalGradient(CurvatureOptimizer):
             model, params, defaults, spec, output_fn, lm_every, min_damping,
             initial_damping, curvature_rows=curvature_rows,
         )
-        self._capture = LayerCapture(
+        self._capture = self._attach(LayerCapture(
             model, {}, output_fn, trace=self.auto.enabled and supports_trace(model)
-        )
+        ))
         self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
         self._generator.manual_seed(seed)
 
