@@ -6,11 +6,11 @@
 For each problem and seed: tuned Adam (the values ``natgrad bench`` uses) runs its whole
 budget on the bench's split, initial weights and minibatch order for that seed; its final
 training loss is the target. Then each natgrad optimizer, with no argument but the
-likelihood, trains on the same batches until the training loss (evaluated every 10 steps)
-reaches the target, or its budget runs out, or the loss stops being finite. Printed per
-run: steps to target (– if never), the ratio of seconds to Adam's, and how often the
-optimizer backtracked or rejected a step (``state["natgrad"]``). PERFORMANCE.md's goal: no
-divergence in 3 seeds on any problem.
+problem's loss (``loss=``), trains on the same batches until the training loss (evaluated
+every 10 steps) reaches the target, or its budget runs out, or the loss stops being
+finite. Printed per run: steps to target (– if never), the ratio of seconds to Adam's, and
+how often the optimizer backtracked or rejected a step (``state["natgrad"]``).
+PERFORMANCE.md's goal: no divergence in 3 seeds on any problem.
 """
 
 from __future__ import annotations

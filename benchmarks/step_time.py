@@ -27,15 +27,15 @@ import natgrad
 from natgrad.bench import PROBLEMS
 
 CONFIGS = {
-    "adam": lambda model, lik: torch.optim.Adam(model.parameters(), lr=3e-3),
-    "kfac-s1i10": lambda model, lik: natgrad.KFAC(
-        model, likelihood=lik, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
+    "adam": lambda model, loss: torch.optim.Adam(model.parameters(), lr=3e-3),
+    "kfac-s1i10": lambda model, loss: natgrad.KFAC(
+        model, loss=loss, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
     ),
-    "ekfac-s1i10": lambda model, lik: natgrad.EKFAC(
-        model, likelihood=lik, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
+    "ekfac-s1i10": lambda model, loss: natgrad.EKFAC(
+        model, loss=loss, lr=0.1, damping=0.1, momentum=0.9, stat_every=1, inv_every=10
     ),
-    "kfac": lambda model, lik: natgrad.KFAC(model, likelihood=lik),
-    "ekfac": lambda model, lik: natgrad.EKFAC(model, likelihood=lik),
+    "kfac": lambda model, loss: natgrad.KFAC(model, loss=loss),
+    "ekfac": lambda model, loss: natgrad.EKFAC(model, loss=loss),
 }
 
 
@@ -47,7 +47,7 @@ def time_problem(name: str, steps: int, block: int) -> dict[str, float]:
     for config, build in CONFIGS.items():
         torch.manual_seed(0)
         model = problem.build_model()
-        runs[config] = (model, build(model, problem.likelihood), [])
+        runs[config] = (model, build(model, problem.loss), [])
     x_all, y_all = data.x_train, data.y_train
     for start in range(0, steps, block):
         batches = [torch.randint(0, len(x_all), (problem.batch_size,), generator=gen)

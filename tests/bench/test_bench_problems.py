@@ -10,7 +10,7 @@ import torch
 
 from natgrad.bench import PROBLEMS
 from natgrad.bench.data import batch_indices, split_indices
-from natgrad.bench.problems import bernoulli_loss, categorical_loss, gaussian_loss
+from natgrad.losses import LossSpec
 
 EXPECTED = {  # input shape, target shape (per example), likelihood
     "digits-mlp": ((64,), (), "categorical"),
@@ -89,21 +89,27 @@ def test_batch_indices_are_seeded_epochs() -> None:
         batch_indices(10, 11, steps=1, seed=0)
 
 
-def test_losses_are_batch_mean_nll() -> None:
+def test_losses_are_torch_modules_natgrad_takes_as_loss() -> None:
+    """Each problem trains on a torch loss module as users write it (torch's mean
+    reductions), one that natgrad's ``loss=`` represents; its value is the mean NLL per
+    example (classifiers), per pixel (autoencoders) or twice it (MSE, per output)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 4, (5,), generator=gen)
-    nll = -torch.distributions.Categorical(logits=logits).log_prob(labels).mean()
-    assert torch.allclose(categorical_loss(logits, labels), nll)
-
     bits = torch.randint(0, 2, (5, 4), generator=gen).double()
-    nll = -torch.distributions.Bernoulli(logits=logits).log_prob(bits).sum(1).mean()
-    assert torch.allclose(bernoulli_loss(logits, bits), nll)
-
     targets = torch.randn(5, 4, generator=gen, dtype=torch.float64)
-    nll = -torch.distributions.Normal(logits, 1.0).log_prob(targets).sum(1).mean()
-    constant = 0.5 * 4 * math.log(2 * math.pi)
-    assert torch.allclose(gaussian_loss(logits, targets) + constant, nll)
+    for name, problem in PROBLEMS.items():
+        LossSpec.from_module(problem.loss)  # raises if natgrad cannot represent it
+        if problem.likelihood == "categorical":
+            nll = -torch.distributions.Categorical(logits=logits).log_prob(labels).mean()
+            assert torch.allclose(problem.loss(logits, labels), nll), name
+        elif problem.likelihood == "bernoulli":
+            nll = -torch.distributions.Bernoulli(logits=logits).log_prob(bits).mean()
+            assert torch.allclose(problem.loss(logits, bits), nll), name
+        else:
+            nll = -torch.distributions.Normal(logits, 1.0).log_prob(targets).mean()
+            constant = 0.5 * math.log(2 * math.pi)
+            assert torch.allclose(problem.loss(logits, targets), 2 * (nll - constant)), name
 
 
 def test_dataset_loss_is_the_mean_over_chunks() -> None:

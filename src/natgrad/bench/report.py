@@ -66,7 +66,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         metric = problem.get("test_metric_name", "test metric")
         target = _number(problem["target_loss"])
         title = (
-            f"## {name} ({problem.get('likelihood', '?')} likelihood, "
+            f"## {name} ({problem.get('loss', '?')}, "
             f"{problem.get('steps', '?')} steps of batch {problem.get('batch_size', '?')}; "
             f"target loss {target} = Adam's final train loss)"
         )
@@ -128,7 +128,7 @@ def plot_problem(name: str, problem: Mapping[str, Any], out: Path) -> list[Path]
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    unit = "nats per example" if problem.get("likelihood") != "gaussian" else "½ squared error"
+    unit = problem.get("loss", "loss")
     paths = []
     for axis, label in (("steps", "optimizer steps"),
                         ("seconds", "wall-clock seconds of optimizer steps (s)")):

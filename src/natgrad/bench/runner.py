@@ -192,7 +192,7 @@ def train_run(
     device = x_train.device
     torch.manual_seed(seed)
     model = problem.build_model().to(device=device, dtype=x_train.dtype)
-    optimizer = spec.build(model, problem.likelihood, hparams)
+    optimizer = spec.build(model, problem.loss, hparams)
     indices = batch_indices(dataset.num_train, problem.batch_size, steps, seed).to(device)
     autoencoder = y_train is x_train
 
@@ -268,6 +268,7 @@ def run_problem(
     entry = {
         "description": problem.description,
         "likelihood": problem.likelihood,
+        "loss": repr(problem.loss),
         "test_metric_name": problem.metric,
         "num_params": num_params,
         "steps": steps,

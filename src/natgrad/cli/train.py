@@ -166,7 +166,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
         ddp_bytes = count_ddp_bytes(wrapped)
-    optimizer = spec.build(wrapped, problem.likelihood, hparams)
+    optimizer = spec.build(wrapped, problem.loss, hparams)
     natgrad_comm = getattr(optimizer, "communicator", None)
     start = 0
     if config.checkpoint is not None and config.checkpoint.exists():
