@@ -95,7 +95,7 @@ def natgrad_warnings(records) -> list[str]:
 
 def applied_lr(opt) -> float:
     """The step size of the last step along −Δ: the group lr, or the automatic α·lr."""
-    return opt.state["natgrad"].get("alpha", opt.param_groups[0]["lr"])
+    return opt.state["natgrad"]["lr"]
 
 
 def params_of(model) -> list[torch.Tensor]:

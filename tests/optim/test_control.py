@@ -243,7 +243,7 @@ def test_adaptive_state_round_trip_is_bit_identical(optimizer):
     clone.load_state_dict(saved["model"])
     resumed = getattr(natgrad, optimizer)(clone, **kwargs)
     resumed.load_state_dict(saved["opt"])
-    assert "damping" in resumed.state["natgrad"] and "alpha" in resumed.state["natgrad"]
+    assert "damping" in resumed.state["natgrad"] and "lr" in resumed.state["natgrad"]
     _train(model, opt, x, y, 6, seed=2)
     _train(clone, resumed, x, y, 6, seed=2)
     for a, b in zip(model.parameters(), clone.parameters(), strict=True):

@@ -170,7 +170,7 @@ def test_auto_lr_minimises_the_exact_quadratic_model(opt_type):
     g = torch.cat([p.grad.reshape(-1) for p in auto.parameters()])
     curvature = direction @ fisher @ direction + DAMPING * direction @ direction
     alpha = float(g @ direction / curvature)
-    assert opt.state["natgrad"]["alpha"] == pytest.approx(alpha, rel=RTOL_STEP)
+    assert opt.state["natgrad"]["lr"] == pytest.approx(alpha, rel=RTOL_STEP)
     assert rel_err(flat_change(model, auto), -alpha * direction) <= RTOL_STEP
 
 
@@ -189,7 +189,7 @@ def test_auto_lr_curvature_on_a_row_subset(rows):
     g = torch.cat([p.grad.reshape(-1) for p in auto.parameters()])
     alpha = float(g @ direction / (direction @ fisher @ direction
                                    + DAMPING * direction @ direction))
-    assert opt.state["natgrad"]["alpha"] == pytest.approx(alpha, rel=RTOL_STEP)
+    assert opt.state["natgrad"]["lr"] == pytest.approx(alpha, rel=RTOL_STEP)
 
 
 def test_a_step_that_raises_its_batch_loss_is_rejected():

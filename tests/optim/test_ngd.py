@@ -142,7 +142,7 @@ def test_auto_lr_is_one_for_the_exact_natural_gradient():
     opt.zero_grad()
     mean_nll("categorical", auto(inputs), targets).backward()
     opt.step()
-    assert opt.state["natgrad"]["alpha"] == pytest.approx(1.0, rel=RTOL_STEP)
+    assert opt.state["natgrad"]["lr"] == pytest.approx(1.0, rel=RTOL_STEP)
     change = flat(q.detach() - p.detach()
                   for p, q in zip(model.parameters(), auto.parameters(), strict=True))
     assert rel_err(change, expected) <= RTOL_STEP

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from natgrad.curvature.kfac import KroneckerBlock, _ema
+from natgrad.curvature.kfac import KroneckerBlock, ema
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import Call
 
@@ -100,7 +100,7 @@ class EigenBlock(KroneckerBlock):
         return "scaling" in self.state
 
     def update_scaling(self, total: Tensor, samples: int, decay: float) -> None:
-        _ema(self.state, "scaling", total / samples, decay)
+        self.state["scaling"] = ema(self.state.get("scaling"), total / samples, decay)
 
     def precondition(self, matrix: Tensor, damping: float = 0.0) -> Tensor:
         eigvecs_out, eigvecs_in = self.state["eigvecs_out"], self.state["eigvecs_in"]

@@ -27,7 +27,10 @@ from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
 
 __all__ = [
+    "DenseBlock",
     "FactorSums",
+    "KroneckerBlock",
+    "ema",
     "damped_inverse",
     "kfac_factors",
     "pi_damping",
@@ -233,9 +236,10 @@ def kfac_factors(
 
 
 
-def _ema(state: dict[str, Any], key: str, value: Tensor, decay: float) -> None:
-    old = state.get(key)
-    state[key] = value if old is None else old.mul_(decay).add_(value, alpha=1 - decay)
+def ema(old: Tensor | None, value: Tensor, decay: float) -> Tensor:
+    """decay·old + (1 − decay)·value, a new tensor (``value`` itself when there is no
+    ``old``): the old average stays intact until the optimizer keeps the new one."""
+    return value if old is None else old * decay + value * (1 - decay)
 
 
 class KroneckerBlock:
@@ -251,8 +255,8 @@ class KroneckerBlock:
 
     def update(self, sums: FactorSums, decay: float) -> None:
         """Fold one step's statistics into the exponential moving averages."""
-        _ema(self.state, "input_cov", sums.input_factor(), decay)
-        _ema(self.state, "grad_cov", sums.grad_factor(), decay)
+        self.state["input_cov"] = ema(self.state.get("input_cov"), sums.input_factor(), decay)
+        self.state["grad_cov"] = ema(self.state.get("grad_cov"), sums.grad_factor(), decay)
 
     @property
     def ready(self) -> bool:
@@ -298,7 +302,7 @@ class DenseBlock:
         self.state = state
 
     def update(self, sums: FactorSums, decay: float) -> None:
-        _ema(self.state, "fisher_block", sums.grad_factor(), decay)
+        self.state["fisher_block"] = ema(self.state.get("fisher_block"), sums.grad_factor(), decay)
 
     @property
     def ready(self) -> bool:

@@ -26,6 +26,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from natgrad._checks import check_positive_int
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
 
@@ -62,8 +63,7 @@ def check_kind(kind: str, targets: Tensor | None, mc_samples: int) -> FisherKind
     kind = FisherKind(kind)
     if kind is FisherKind.EMPIRICAL and targets is None:
         raise ValueError("targets are required for kind='empirical' (the observed labels)")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    check_positive_int("mc_samples", mc_samples)
     return kind
 
 

@@ -1,16 +1,23 @@
-"""Shared bookkeeping of natgrad's optimizers: the torch.optim contract, fault handling, update.
+"""What every natgrad optimizer shares: the torch.optim contract and one step, top to bottom.
 
-:class:`CurvatureOptimizer` owns everything that does not depend on the curvature model:
-hyper-parameter validation, param groups that must belong to the model, ``step(closure)``,
-skipping (and counting) steps whose loss, gradient or curvature is not finite, weight decay,
-momentum and the learning rate. Subclasses implement one hook, :meth:`_precondition`, which
-maps the gradients to update directions.
+A natgrad optimizer is :class:`CurvatureOptimizer` composed with three objects:
 
-Every step works on the canonical objective J of :mod:`natgrad.losses`: the forwards since
-the last step are taken from the capture as a :class:`natgrad.curvature.batch.StepBatch`,
-the accumulated gradient is divided by its ``grad_scale`` (∇J, whatever the loss's
-reduction, token mean or accumulation), and the quadratic model and ρ use its masks and
-recovered targets. Weight decay is a penalty on J.
+* a capture (:class:`natgrad.layers.capture.LayerCapture`): hooks that record what the
+  optimizer must see of the model's forwards and backwards;
+* a preconditioner (exact, Kronecker, eigenbasis, diagonal or CG): ``update(batch, grads,
+  step)`` computes the step's curvature without committing it, ``apply(grads)`` maps the
+  gradients to directions Δ, ``commit()`` / ``discard()`` keep or forget the curvature;
+* the step's controller (:func:`natgrad.optim.step.decide`): the update δ = a·(−Δ) + m·δ₀
+  with fixed or automatic coefficients, checked on its batch when the damping is automatic.
+
+:meth:`CurvatureOptimizer.step` reads in one pass: take the captured batch → ∇J → update
+the curvature → precondition → decide → apply, with the curvature committed only when the
+step is taken. A non-finite loss, gradient, curvature or quadratic model skips the step and
+leaves parameters and state exactly as they were (counted, warned once).
+
+Everything is on the canonical objective J of :mod:`natgrad.losses`: the accumulated
+gradient divided by the batch's ``grad_scale`` is ∇J, whatever the loss's reduction; weight
+decay is a penalty on J.
 """
 
 from __future__ import annotations
@@ -18,62 +25,38 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad._checks import all_finite, check_nonnegative, check_positive, check_positive_int
 from natgrad.curvature.batch import StepBatch
-from natgrad.curvature.model import FunctionalModel, swapped_tensors
+from natgrad.curvature.model import FunctionalModel
 from natgrad.distributed.comm import Communicator, unwrap_model
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
-from natgrad.optim.control import (
-    AutoSettings,
-    QuadraticControl,
-    backtrack_fraction,
-    check_rows,
-    lm_update,
-)
+from natgrad.optim.control import AutoSettings, QuadraticControl, check_rows
+from natgrad.optim.step import Decision, StepProblem, decide
 
-__all__ = ["CurvatureOptimizer", "check_positive", "check_nonnegative", "check_choice"]
+__all__ = ["CurvatureOptimizer", "Preconditioner"]
 
 GLOBAL = "natgrad"  # key of the optimizer-wide entry in ``self.state``
-
-
-def check_positive(name: str, value: Any, allow: Sequence[str] = ()) -> None:
-    """Raise ValueError unless ``value`` is a finite number > 0 (or one of ``allow``)."""
-    if isinstance(value, str) and value in allow:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        extra = f" or one of {list(allow)}" if allow else ""
-        raise ValueError(f"{name} must be a finite number > 0{extra}, got {value!r}")
-
-
-def check_nonnegative(name: str, value: Any, upper: float | None = None) -> None:
-    """Raise ValueError unless ``value`` is a finite number ≥ 0 (and < ``upper`` if given)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and value >= 0 and (upper is None or value < upper)
-    if not ok:
-        bound = f" and < {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a number >= 0{bound}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
-    """Raise ValueError unless ``value`` is one of ``allowed``; returns it as a plain str."""
-    allowed = list(allowed)
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return str(value)
-
-
 AUTO = "auto"
 INITIAL_DAMPING = 1e-2  # Levenberg-Marquardt's starting λ (PERFORMANCE.md: lower diverged)
+
+
+class Preconditioner(Protocol):
+    """Maps gradients to directions; its curvature is kept only for a taken step."""
+
+    def update(self, batch: StepBatch, grads: dict[Tensor, Tensor], step: int) -> bool: ...
+    def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor] | None: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+    def rebind(self, state: Any) -> None: ...
 
 
 def _check_hyper(group: dict[str, Any]) -> None:
@@ -92,30 +75,21 @@ def _is_finite(value: Tensor | float | None) -> bool:
     return math.isfinite(float(value))
 
 
-def all_finite(tensors: Iterable[Tensor | None]) -> bool:
-    """True if every entry of every tensor is finite (one device sync per dtype/device)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        if t is not None and t.is_floating_point():
-            groups.setdefault((t.dtype, t.device), []).append(t)
-    # a norm is NaN or inf when some entry is (or, harmlessly, when it overflows)
-    return all(
-        bool(torch.stack(torch._foreach_norm(ts, 2)).isfinite().all())
-        for ts in groups.values()
-    )
-
-
 class CurvatureOptimizer(Optimizer):
     """Base class of natgrad's optimizers (see module docstring).
 
     Subclasses call ``super().__init__`` with the model, the user's ``params`` (or None for
-    all of the model's trainable parameters) and the defaults, then implement
-    :meth:`_precondition`. A ``DistributedDataParallel`` model is unwrapped. Subclasses that
-    keep ranks in lockstep under data parallelism set :attr:`data_parallel`; their quadratic
-    model then averages its batch terms over the ranks of ``process_group``.
+    all of the model's trainable parameters), the defaults and the loss, then set
+    :attr:`preconditioner` and the capture (through :meth:`_attach`), and :attr:`stat_every`
+    if the capture gathers statistics. A ``DistributedDataParallel`` model is unwrapped.
+    Subclasses that keep ranks in lockstep under data parallelism set :attr:`data_parallel`;
+    their quadratic model then averages its batch terms over the ranks of ``process_group``.
     """
 
     data_parallel = False  # communicates through self._comm so that ranks stay identical
+    preconditioner: Preconditioner
+    stat_every: int | None = None  # steps between statistics (None: the capture never gathers)
+    kl_clip: float | None = None  # KL-clipping bound of a fixed lr (KFAC, EKFAC)
 
     def __init__(
         self,
@@ -129,10 +103,12 @@ class CurvatureOptimizer(Optimizer):
         initial_damping: float = INITIAL_DAMPING,
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
+        seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         defaults = dict(defaults)
+        check_positive_int("lm_every", lm_every)
         self.auto = AutoSettings(
             lr=defaults["lr"] == AUTO,
             momentum=defaults.get("momentum") == AUTO,
@@ -150,8 +126,6 @@ class CurvatureOptimizer(Optimizer):
             defaults["damping"] = initial_damping
         self._initial_damping = initial_damping
         _check_hyper(defaults)
-        if isinstance(lm_every, bool) or not isinstance(lm_every, int) or lm_every < 1:
-            raise ValueError(f"lm_every must be a positive int, got {lm_every!r}")
         check_positive("min_damping", min_damping)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -165,8 +139,11 @@ class CurvatureOptimizer(Optimizer):
         self.output_fn = output_fn
         self._comm = Communicator(process_group)
         self._control = QuadraticControl(self.auto, self._comm if self.data_parallel else None)
-        self._capture: LayerCapture  # set by subclasses: what they need to see of forwards
+        self._capture: LayerCapture  # set by subclasses (_attach)
         self._warned: set[str] = set()
+        # the random source of sampled labels; ranks draw different ones
+        self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
+        self._generator.manual_seed(seed + self._comm.rank)
         if self._comm.active and not self.data_parallel:
             self._warn_once(
                 "data_parallel",
@@ -179,6 +156,8 @@ class CurvatureOptimizer(Optimizer):
         """The optimizer's hooks on the model: they hold no reference to the optimizer and
         are removed when it is garbage-collected (a replaced optimizer leaves no hooks)."""
         weakref.finalize(self, capture.remove)
+        self._capture = capture
+        self._schedule_statistics()
         return capture
 
     @property
@@ -201,6 +180,16 @@ class CurvatureOptimizer(Optimizer):
             return self.global_state.setdefault("damping", self._initial_damping)
         return group["damping"]
 
+    def damping_of_param(self, p: Tensor) -> float:
+        """The damping λ in force for parameter ``p`` (its group's)."""
+        if self.auto.damping:
+            return self.damping_of(self.param_groups[0])
+        return next(g["damping"] for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no more statistics are gathered)."""
+        self._capture.remove()
+
     # --- state ----------------------------------------------------------------------------
     @property
     def global_state(self) -> dict[str, Any]:
@@ -210,12 +199,46 @@ class CurvatureOptimizer(Optimizer):
             state.update(step=0, skipped_steps=0)
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        self.global_state["rng_state"] = self._generator.get_state()
+        if self._comm.active:
+            self.global_state["rng_rank"] = self._comm.rank  # whose label stream it is
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.preconditioner.rebind(self.state)  # blocks view the new per-parameter state
+        rng = self.global_state.get("rng_state")
+        if rng is not None:
+            self._generator.set_state(rng.cpu())
+            rank = self._comm.rank
+            if self.global_state.get("rng_rank", 0) != rank:
+                # another rank's stream (a checkpoint written by rank 0): fork a stream of
+                # this rank's own from it, so that ranks keep drawing different labels
+                start = torch.randint(2**62, (1,), generator=self._generator,
+                                      device=self._generator.device)
+                self._generator.manual_seed(int(start) + rank)
+                self.global_state["rng_rank"] = rank
+        for group in self.param_groups:  # checkpoints of the momentum-buffer days
+            for p in group["params"]:
+                buffer = self.state[p].pop("momentum_buffer", None) if p in self.state else None
+                if buffer is not None and "previous_update" not in self.state[p]:
+                    self.state[p]["previous_update"] = buffer * -group["lr"]
+                    self.state[p]["previous_lr"] = group["lr"]
+        self._schedule_statistics()
+
+    def _schedule_statistics(self) -> None:
+        # statistics are gathered on steps 0, stat_every, 2·stat_every, ...
+        step = self.global_state["step"]
+        self._capture.active = self.stat_every is not None and step % self.stat_every == 0
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _skip(self, reason: str) -> None:
+        self.preconditioner.discard()
         self.global_state["skipped_steps"] += 1
         self._warn_once(
             "skip",
@@ -225,9 +248,6 @@ class CurvatureOptimizer(Optimizer):
         )
 
     # --- the step -------------------------------------------------------------------------
-    def _params_with_grad(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update; ``closure`` re-evaluates the model and returns the loss (optional)."""
@@ -235,163 +255,110 @@ class CurvatureOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._params_with_grad()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return loss
-        # the forwards since the last step (also when skipping: they must not feed the next)
+        # the forwards since the last step (taken also when skipping: not for the next step)
         batch = StepBatch(self._capture.take(), self.loss_spec)
         if not _is_finite(loss):
             self._skip("loss")
-            return loss
-        if not all_finite(p.grad for p in params):
+        elif not all_finite(p.grad for p in params):
             self._skip("gradient")
-            return loss
-        groups = self._group_of()
-        scale = batch.grad_scale
-        grads = {p: self._regularised_grad(p, groups[id(p)], scale) for p in params}
-        directions = self._precondition(grads, batch)
-        # with automatic settings the quadratic model checks the directions (dᵀd is finite)
-        if directions is None or not (self.auto.enabled or all_finite(directions.values())):
-            self._skip("curvature")
-            return loss
-        if self.auto.enabled:
-            if not self._apply_auto(grads, directions, batch):
-                self._skip("quadratic model")
-                return loss
         else:
-            self._apply(directions)
-        self.global_state["step"] += 1
+            self._step(batch, params)
+        self._schedule_statistics()
         return loss
 
-    def _group_of(self) -> dict[int, dict[str, Any]]:
-        return {id(p): g for g in self.param_groups for p in g["params"]}
-
-    @staticmethod
-    def _regularised_grad(p: Tensor, group: dict[str, Any], scale: float) -> Tensor:
-        """∇J (the accumulated gradient over ``scale``), plus the L2 penalty's gradient."""
-        grad = p.grad if scale == 1.0 else p.grad / scale
-        wd = group.get("weight_decay", 0.0)
-        if wd and not group.get("decoupled_weight_decay", False):
-            return grad + wd * p  # L2: the penalty's gradient is preconditioned too
-        return grad
-
-    def _precondition(
-        self, grads: dict[Tensor, Tensor], batch: StepBatch
-    ) -> dict[Tensor, Tensor] | None:
-        """Map gradients to update directions Δ (the step is −lr·Δ). None: skip the step."""
-        raise NotImplementedError
-
-    def _apply_auto(
-        self, grads: dict[Tensor, Tensor], directions: dict[Tensor, Tensor], batch: StepBatch
-    ) -> bool:
-        """δ = a·d + m·δ₀ from the quadratic model; LM damping (see :mod:`.control`)."""
-        if not batch:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() with automatic lr/momentum/damping needs the "
-                "current batch, but no forward of the model was backpropagated since the last step"
-            )
-        groups = self._group_of()
-        params = list(directions)
-        first = self.param_groups[0]
-        lrs = [groups[id(p)]["lr"] for p in params]
-        # d = −lr·Δ for a fixed lr (a = 1 then reproduces the plain step); d = −Δ for auto
-        descent = [-directions[p] if self.auto.lr else -lr * directions[p]
-                   for p, lr in zip(params, lrs, strict=True)]
-        previous = [self.state[p].get("previous_update") for p in params]
-        has_previous = all(v is not None for v in previous)
-        fmodel = FunctionalModel(self.model, self.output_fn, params)
-        # momentum, weight decay and damping of the quadratic model are optimizer-wide (the
-        # first group's); with lr="auto" each group's lr multiplies the chosen step
-        wd = 0.0 if first.get("decoupled_weight_decay") else first.get("weight_decay", 0.0)
-        damping = self.damping_of(first)
-        uniform = len(set(lrs)) == 1
-        with self._capture.paused():
-            result = self._control.updates(
-                fmodel, batch, [grads[p] for p in params], descent,
-                previous if has_previous else None, damping, wd,
-                fixed=(1.0, first.get("momentum", 0.0)),
-                scale=lrs[0] if self.auto.lr and uniform else 1.0,
-            )
-        if result is not None and self.auto.lr and not uniform:
-            result = ([u * lr for u, lr in zip(result[0], lrs, strict=True)], result[1])
-        if result is None or not all_finite(result[0]):
-            return False
-        update, info = result
-        trial = self._trial(params, update, groups)
+    def _step(self, batch: StepBatch, params: list[Tensor]) -> None:
+        step = self.global_state["step"]
+        grads = self._objective_gradients(params, batch.grad_scale)  # ∇J (+ L2)
+        if not self.preconditioner.update(batch, grads, step):  # pending curvature
+            return self._skip("curvature")
+        directions = self.preconditioner.apply(grads)  # Δ
+        # with automatic settings the quadratic model checks the directions (dᵀd is finite)
+        if directions is None or not (self.auto.enabled or all_finite(directions.values())):
+            return self._skip("curvature")
+        decision = decide(self._control, self._problem(batch, params, grads, directions))
+        if decision is None:
+            return self._skip("quadratic model")
+        if decision.accepted:
+            self.preconditioner.commit()
+            self._apply(params, decision)
+        else:  # parameters and curvature unchanged, momentum restarted
+            self.preconditioner.discard()
+            for p in params:
+                self.state[p].pop("previous_update", None)
         state = self.global_state
-        state.update(alpha=info["alpha"], mu=info["mu"])
-        if self.auto.damping and state["step"] % self.auto.lm_every == 0:
-            predicted = info["predicted_change"]
-            rho = self._reduction_ratio(fmodel, batch, params, trial, update, predicted, wd)
-            state["rho"] = rho
-            state["damping"] = lm_update(
-                damping, rho, self.auto.omega, self.auto.min_damping, self.auto.max_damping
-            )
-            if not rho >= 0:  # the step raised the loss of the very batch it was fitted to
-                t = backtrack_fraction(info["slope"], predicted, rho * predicted)
-                if t is not None:
-                    update = [u * t for u in update]
-                    trial = self._trial(params, update, groups)
-                    # the undamped model at tδ: t·slope + t²·(its quadratic part at δ)
-                    at_t = t * info["slope"] + t * t * (predicted - info["slope"])
-                    rho = self._reduction_ratio(fmodel, batch, params, trial, update, at_t, wd)
-                if t is None or not rho >= 0:
-                    state["rejected_steps"] = state.get("rejected_steps", 0) + 1
-                    for p in params:
-                        self.state[p].pop("previous_update", None)
-                    return True
-                state["backtracked_steps"] = state.get("backtracked_steps", 0) + 1
-        for p, new, delta in zip(params, trial, update, strict=True):
-            p.copy_(new)
-            self.state[p]["previous_update"] = delta
-        return True
+        state.update(decision.info)
+        if decision.counter is not None:
+            state[decision.counter] = state.get(decision.counter, 0) + 1
+        state["step"] = step + 1
 
-    def _trial(
-        self, params: list[Tensor], update: list[Tensor], groups: dict[int, dict[str, Any]]
-    ) -> list[Tensor]:
-        """θ + δ per parameter (after decoupled weight decay); not applied yet."""
-        trial = []
-        for p, delta in zip(params, update, strict=True):
-            group = groups[id(p)]
-            if group.get("weight_decay") and group.get("decoupled_weight_decay"):
-                trial.append(p.mul(1 - group["lr"] * group["weight_decay"]).add_(delta))
-            else:
-                trial.append(p.add(delta))
-        return trial
-
-    def _reduction_ratio(
-        self, fmodel: FunctionalModel, batch: StepBatch, params: list[Tensor],
-        trial: list[Tensor], update: list[Tensor], predicted: float, wd: float,
-    ) -> float:
-        """ρ of the step to ``trial`` on this step's batch (see :mod:`.control`)."""
-        penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
-        if wd:
-            penalty = wd * float(sum(
-                (p * d).sum() - 0.5 * d.square().sum() for p, d in zip(trial, update, strict=True)
-            ))
-        swap = {id(p): t for p, t in zip(params, trial, strict=True)}
-        with self._capture.paused(), swapped_tensors(self.model, swap):
-            return self._control.reduction_ratio(fmodel, batch, predicted, penalty)
-
-    def _apply(self, directions: dict[Tensor, Tensor]) -> None:
-        # p ← p − lr (μ buf + Δ), with decoupled weight decay p ← p (1 − lr·wd) first
+    def _objective_gradients(
+        self, params: list[Tensor], scale: float
+    ) -> dict[Tensor, Tensor]:
+        """∇J per parameter: the accumulated gradient over ``scale``, plus η·θ for L2 decay."""
+        grads = {}
         for group in self.param_groups:
-            params = [p for p in group["params"] if p in directions]
-            if not params:
-                continue
-            lr, momentum = group["lr"], group.get("momentum", 0.0)
+            wd = group.get("weight_decay", 0.0)
+            l2 = wd and not group.get("decoupled_weight_decay", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if scale == 1.0 else p.grad / scale
+                grads[p] = grad + wd * p if l2 else grad  # the penalty is preconditioned too
+        return {p: grads[p] for p in params}
+
+    def _problem(
+        self, batch: StepBatch, params: list[Tensor], grads: dict[Tensor, Tensor],
+        directions: dict[Tensor, Tensor],
+    ) -> StepProblem:
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        first = self.param_groups[0]
+        # momentum, weight decay and damping of the quadratic model are optimizer-wide (the
+        # first group's)
+        decoupled = first.get("decoupled_weight_decay", False)
+        shrink = []
+        for p in params:
+            group = groups[id(p)]
+            wd = group.get("weight_decay", 0.0)
+            shrink.append(1 - group["lr"] * wd if wd and group.get("decoupled_weight_decay")
+                          else 1.0)
+        quadratic = getattr(self.preconditioner, "quadratic", None)
+        return StepProblem(
+            fmodel=FunctionalModel(self.model, self.output_fn, params),
+            batch=batch,
+            params=params,
+            grads=[grads[p] for p in params],
+            directions=[directions[p] for p in params],
+            previous=[self.state[p].get("previous_update") for p in params],
+            lrs=[groups[id(p)]["lr"] for p in params],
+            momenta=[groups[id(p)].get("momentum", 0.0) for p in params],
+            previous_lrs=[self.state[p].get("previous_lr") for p in params],
+            shrink=shrink,
+            damping=self.damping_of(first),
+            weight_decay=0.0 if decoupled else first.get("weight_decay", 0.0),
+            step=self.global_state["step"],
+            paused=self._capture.paused,
+            kl_clip=self.kl_clip,
+            quadratic=quadratic if self.kl_clip is not None else None,
+        )
+
+    def _apply(self, params: list[Tensor], decision: Decision) -> None:
+        """θ ← s·θ + δ (s: decoupled weight decay); δ is the next step's δ₀."""
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        decayed = []
+        for p in params:
+            group = groups[id(p)]
             wd = group.get("weight_decay", 0.0)
             if wd and group.get("decoupled_weight_decay", False):
-                torch._foreach_mul_(params, 1 - lr * wd)
-            steps = [directions[p] for p in params]
-            if momentum:
-                old = [p for p in params if "momentum_buffer" in self.state[p]]
-                if old:
-                    buffers = [self.state[p]["momentum_buffer"] for p in old]
-                    torch._foreach_mul_(buffers, momentum)
-                    torch._foreach_add_(buffers, [directions[p] for p in old])
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = directions[p].detach().clone()
-                steps = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_add_(params, steps, alpha=-lr)
+                decayed.append((p, 1 - group["lr"] * wd))
+        for p, s in decayed:
+            p.mul_(s)
+        torch._foreach_add_(params, decision.update)
+        for p, delta in zip(params, decision.update, strict=True):
+            group = groups[id(p)]
+            if self.auto.momentum or group.get("momentum", 0.0):
+                self.state[p]["previous_update"] = delta
+                if not self.auto.enabled:
+                    self.state[p]["previous_lr"] = group["lr"]

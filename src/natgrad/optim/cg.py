@@ -1,28 +1,126 @@
-"""NGDCG: matrix-free natural gradient, (F + λI) Δ = ∇J solved by truncated CG."""
+"""NGDCG: matrix-free natural gradient, (F + λI) Δ = ∇J solved by truncated CG.
+
+:class:`NGDCG` is a :class:`natgrad.optim.base.CurvatureOptimizer` whose preconditioner is
+:class:`ConjugateGradientSolve`; that holds its own inner preconditioner for CG (K-FAC's
+blocks, the diagonal Fisher, or none), a :class:`natgrad.optim.kronecker.KroneckerPreconditioner`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from natgrad._checks import (
+    check_choice,
+    check_dtype,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
 from natgrad.curvature.batch import StepBatch
+from natgrad.curvature.kfac import KroneckerBlock
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.products import conjugate_gradient, fisher_operator
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.comm import mean_operator
+from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
-from natgrad.optim.base import check_choice, check_positive
-from natgrad.optim.kfac import KFAC
+from natgrad.losses import resolve_loss
+from natgrad.optim.base import CurvatureOptimizer
+from natgrad.optim.kfac import KINDS
+from natgrad.optim.kronecker import KroneckerPreconditioner, kronecker_curvature
 
-__all__ = ["NGDCG"]
+__all__ = ["NGDCG", "ConjugateGradientSolve"]
 
 PRECONDITIONERS = ("kfac", "diagonal", "none")
 
 
-class NGDCG(KFAC):
+class ConjugateGradientSolve:
+    """Δ = (F + λI)⁻¹ ∇J by truncated CG on the batch's exact Fisher, matrix-free.
+
+    ``inner`` preconditions CG (None: plain CG). Warm-started from the last taken step's
+    solution (``state[p]["cg_solution"]``); a discarded step keeps the previous one.
+    """
+
+    def __init__(
+        self, opt: CurvatureOptimizer, inner: KroneckerPreconditioner | None,
+        max_iters: int, tol: float,
+    ) -> None:
+        self.opt = opt
+        self.inner = inner
+        self.max_iters, self.tol = max_iters, tol
+        self._batch: StepBatch | None = None
+        self._pending: tuple[dict[Tensor, Tensor], int, float] | None = None
+
+    def update(self, batch: StepBatch, grads: dict[Tensor, Tensor], step: int) -> bool:
+        if self.inner is not None and not self.inner.update(batch, grads, step):
+            return False
+        if not batch:
+            raise RuntimeError(
+                "NGDCG.step() needs the Fisher of the current batch, but no forward of the "
+                "model was backpropagated since the last step"
+            )
+        self._batch = batch
+        return True
+
+    def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        opt, batch = self.opt, self._batch
+        params = list(grads)
+        fmodel = FunctionalModel(opt.model, opt.output_fn, params)
+        first = opt.param_groups[0]
+        shift = opt.damping_of(first)
+        if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
+            shift += first["weight_decay"]
+        with opt._capture.paused():
+            inputs = batch.inputs()
+            fisher = fisher_operator(
+                fmodel, inputs, opt.loss_spec, frozen_buffers=True, valid=batch.valid_rows()
+            )
+            # data parallel: F v of the ranks' batches together (one all-reduce per product)
+            fisher = mean_operator(opt.communicator, fisher, inputs[0].shape[0])
+
+            def matvec(v: Tensor) -> Tensor:  # (F + λI) v
+                return fisher(v) + shift * v
+
+            def precondition(r: Tensor) -> Tensor:  # r -> M⁻¹ r
+                directions = self.inner.apply(dict(zip(params, fmodel.unflatten(r), strict=True)))
+                return flatten([directions[p] for p in params])
+
+            previous = [opt.state[p].get("cg_solution") for p in params]
+            initial = flatten(previous) if all(x is not None for x in previous) else None
+            solution, iters, residual = conjugate_gradient(
+                matvec, flatten([grads[p] for p in params]), initial, self.max_iters,
+                self.tol, None if self.inner is None else precondition,
+            )
+        directions = dict(zip(params, fmodel.unflatten(solution), strict=True))
+        self._pending = (directions, iters, residual)
+        return directions
+
+    def commit(self) -> None:
+        if self.inner is not None:
+            self.inner.commit()
+        if self._pending is not None:
+            directions, iters, residual = self._pending
+            for p, d in directions.items():
+                self.opt.state[p]["cg_solution"] = d.detach().clone()
+            self.opt.global_state.update(cg_iters=iters, cg_residual=residual)
+        self._batch, self._pending = None, None
+
+    def discard(self) -> None:
+        if self.inner is not None:
+            self.inner.discard()
+        self._batch, self._pending = None, None
+
+    def rebind(self, state: Any) -> None:
+        if self.inner is not None:
+            self.inner.rebind(state)
+
+
+class NGDCG(CurvatureOptimizer):
     """Matrix-free natural gradient (Martens 2010, with the Fisher in place of the Hessian).
 
     Each step solves (F + λI) Δ = ∇J by truncated conjugate gradient, with F the exact
@@ -39,7 +137,8 @@ class NGDCG(KFAC):
     Args:
         model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
-        decoupled_weight_decay, inverse_placement, process_group: as in
+        decoupled_weight_decay, inverse_method, inverse_placement, process_group,
+        curvature_rows: as in
         :class:`natgrad.KFAC` (statistics serve the preconditioner only).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings (defaults 1,
             0.1 and 1.0: the exact batch Fisher has rank ≤ N·C, and with less damping the
@@ -59,7 +158,7 @@ class NGDCG(KFAC):
         optimization, 2012.
     """
 
-    _fallback_effect = "are preconditioned in CG by the diagonal Fisher instead"
+    data_parallel = True
 
     def __init__(
         self,
@@ -69,93 +168,66 @@ class NGDCG(KFAC):
         lr: float | str = "auto",
         damping: float | str = "auto",
         momentum: float | str = "auto",
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         loss: nn.Module | None = None,
         likelihood: str | Likelihood | None = None,
+        kind: str = "true",
+        mc_samples: int = 1,
         cg_max_iters: int = 10,
         cg_tol: float = 1e-3,
         preconditioner: str = "kfac",
         stat_every: int = 5,
         inv_every: int = 10,
-        **kwargs: Any,
+        stat_decay: float = 0.95,
+        inverse_method: str = "cholesky",
+        factor_dtype: torch.dtype | None = None,
+        inverse_dtype: torch.dtype | None = None,
+        exclude: Iterable[str | type] = (),
+        output_fn: Callable[[Any], Tensor] | None = None,
+        seed: int = 0,
+        lm_every: int = 1,
+        min_damping: float = 0.1,
+        initial_damping: float = 1.0,
+        inverse_placement: str = "balanced",
+        process_group: Any = None,
+        curvature_rows: int | str | None = "auto",
     ) -> None:
-        if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 1:
-            raise ValueError(f"cg_max_iters must be a positive int, got {cg_max_iters!r}")
+        spec = resolve_loss(likelihood, loss)
+        kind = check_choice("kind", kind, KINDS)
+        check_positive_int("mc_samples", mc_samples)
+        check_positive_int("cg_max_iters", cg_max_iters)
         check_positive("cg_tol", cg_tol)
-        self.preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
-        self.cg_max_iters, self.cg_tol = cg_max_iters, cg_tol
-        kwargs.setdefault("kl_clip", None)
-        # the exact batch Fisher, as in NaturalGradient: more damping than K-FAC's EMA needs
-        kwargs.setdefault("initial_damping", 1.0)
-        kwargs.setdefault("min_damping", 0.1)
-        kwargs.setdefault("lm_every", 1)
-        super().__init__(
-            model, params, lr=lr, damping=damping, momentum=momentum, loss=loss,
-            likelihood=likelihood,
-            stat_every=stat_every, inv_every=inv_every, **kwargs,
+        preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+        check_positive_int("stat_every", stat_every)
+        check_positive_int("inv_every", inv_every)
+        check_nonnegative("stat_decay", stat_decay, upper=1.0)
+        inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
+        check_dtype("factor_dtype", factor_dtype)
+        check_dtype("inverse_dtype", inverse_dtype)
+        placement = check_choice("inverse_placement", inverse_placement, PLACEMENTS)
+        defaults = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
-
-    def _setup_layers(
-        self, model: nn.Module, exclude: Iterable[str | type], output_fn: Callable | None
-    ) -> None:
-        if self.preconditioner == "kfac":
-            super()._setup_layers(model, exclude, output_fn)
-            return
-        self.blocks = {}
-        self.excluded = set()
-        diagonal = self.preconditioner == "diagonal"
-        self.fallback = [p for g in self.param_groups for p in g["params"]] if diagonal else []
-        self._capture = self._attach(LayerCapture(
-            model, {}, output_fn, on_backward=self._label_sampler(),
-            trace=self.auto.enabled and supports_trace(model),
-        ))
-
-    def _sync_capture(self) -> None:
-        super()._sync_capture()
-        if self.preconditioner == "none":
-            self._capture.active = False
-
-    def _precondition(
-        self, grads: dict[Tensor, Tensor], batch: StepBatch
-    ) -> dict[Tensor, Tensor] | None:
-        if not self._update_curvature(grads, batch):
-            return None
-        if not batch:
-            raise RuntimeError(
-                "NGDCG.step() needs the Fisher of the current batch, but no forward of the "
-                "model was backpropagated since the last step"
+        super().__init__(
+            model, params, defaults, spec, output_fn, lm_every, min_damping,
+            initial_damping, process_group, curvature_rows, seed,
+        )
+        self.cg_max_iters, self.cg_tol = cg_max_iters, cg_tol
+        inner = None
+        if preconditioner == "none":
+            self._attach(LayerCapture(
+                self.model, {}, output_fn, trace=self.auto.enabled and supports_trace(self.model)
+            ))
+        else:
+            self.stat_every = stat_every
+            inner = kronecker_curvature(
+                self, exclude=exclude, block_type=KroneckerBlock, kind=kind,
+                mc_samples=mc_samples, stat_decay=stat_decay, inv_every=inv_every,
+                inverse_method=inverse_method, factor_dtype=factor_dtype,
+                inverse_dtype=inverse_dtype, placement=placement,
+                fallback_effect="are preconditioned in CG by the diagonal Fisher instead",
+                diagonal_only=preconditioner == "diagonal",
             )
-        params = list(grads)
-        fmodel = FunctionalModel(self.model, self.output_fn, params)
-        first = self.param_groups[0]
-        shift = self.damping_of(first)
-        if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
-            shift += first["weight_decay"]
-        with self._capture.paused():
-            inputs = batch.inputs()
-            fisher = fisher_operator(
-                fmodel, inputs, self.loss_spec, frozen_buffers=True, valid=batch.valid_rows()
-            )
-            # data parallel: F v of the ranks' batches together (one all-reduce per product)
-            fisher = mean_operator(self._comm, fisher, inputs[0].shape[0])
-
-            def matvec(v: Tensor) -> Tensor:  # (F + λI) v
-                return fisher(v) + shift * v
-
-            def precondition(r: Tensor) -> Tensor:  # r -> M⁻¹ r
-                directions = self._kfac_directions(
-                    dict(zip(params, fmodel.unflatten(r), strict=True))
-                )
-                return flatten([directions[p] for p in params])
-
-            previous = [self.state[p].get("cg_solution") for p in params]
-            initial = flatten(previous) if all(x is not None for x in previous) else None
-            solution, iters, residual = conjugate_gradient(
-                matvec, flatten([grads[p] for p in params]), initial, self.cg_max_iters,
-                self.cg_tol, None if self.preconditioner == "none" else precondition,
-            )
-        self.global_state.update(cg_iters=iters, cg_residual=residual)
-        directions = dict(zip(params, fmodel.unflatten(solution), strict=True))
-        for p, d in directions.items():
-            self.state[p]["cg_solution"] = d.detach().clone()
-        return directions
-
+        self.preconditioner = ConjugateGradientSolve(self, inner, cg_max_iters, cg_tol)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from natgrad._checks import check_positive_int
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel
 from natgrad.curvature.tangents import sequential_jvp
@@ -175,10 +176,7 @@ AUTO_ROWS_MIN = 64  # ... and never fewer rows than this
 
 def check_rows(value: Any) -> int | str | None:
     """Validate ``curvature_rows``: a positive int, ``"auto"`` or None (every row)."""
-    if value is None or value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"curvature_rows must be a positive int, 'auto' or None, got {value!r}")
+    check_positive_int("curvature_rows", value, allow=("auto", None))
     return value
 
 
@@ -311,7 +309,7 @@ class QuadraticControl:
                     for fr, nr in zip(fisher, norms, strict=True)]
         predicted = quadratic_value(undamped, linear, a, m)
         slope = linear[0] * a + linear[1] * m  # ∇Jᵀδ
-        info = {"alpha": a, "mu": m, "predicted_change": predicted, "slope": slope}
+        info = {"lr": a, "momentum": m, "predicted_change": predicted, "slope": slope}
         return update, info
 
     def reduction_ratio(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad._checks import check_choice
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.dense import fisher_rows
 from natgrad.curvature.model import FisherKind, FunctionalModel, check_kind, flatten, unflatten
@@ -15,9 +16,9 @@ from natgrad.curvature.tangents import supports_trace
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
-from natgrad.optim.base import CurvatureOptimizer, check_choice
+from natgrad.optim.base import CurvatureOptimizer
 
-__all__ = ["NaturalGradient", "damped_solve"]
+__all__ = ["ExactPreconditioner", "NaturalGradient", "damped_solve"]
 
 SOLVERS = ("auto", "cholesky", "woodbury")
 
@@ -144,45 +145,55 @@ class NaturalGradient(CurvatureOptimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
             model, params, defaults, spec, output_fn, lm_every, min_damping,
-            initial_damping, curvature_rows=curvature_rows,
+            initial_damping, curvature_rows=curvature_rows, seed=seed,
         )
-        self._capture = self._attach(LayerCapture(
-            model, {}, output_fn, trace=self.auto.enabled and supports_trace(model)
+        self.preconditioner = ExactPreconditioner(self, solver, self.kind, mc_samples)
+        self._attach(LayerCapture(
+            self.model, {}, output_fn, trace=self.auto.enabled and supports_trace(self.model)
         ))
-        self._generator = torch.Generator(device=self.param_groups[0]["params"][0].device)
-        self._generator.manual_seed(seed)
 
-    def state_dict(self) -> dict[str, Any]:
-        self.global_state["rng_state"] = self._generator.get_state()
-        return super().state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        rng = self.global_state.get("rng_state")
-        if rng is not None:
-            self._generator.set_state(rng.cpu())
+class ExactPreconditioner:
+    """Δ = (F + D)⁻¹ ∇J with F the exact Fisher of the step's batch (rows U, F = UᵀU) and D
+    each parameter's damping; no state is kept between steps."""
 
-    def _precondition(
-        self, grads: dict[Tensor, Tensor], batch: StepBatch
-    ) -> dict[Tensor, Tensor] | None:
+    def __init__(
+        self, opt: CurvatureOptimizer, solver: str, kind: FisherKind, mc_samples: int
+    ) -> None:
+        self.opt = opt
+        self.solver, self.kind, self.mc_samples = solver, kind, mc_samples
+        self._rows: Tensor | None = None
+
+    def update(self, batch: StepBatch, grads: dict[Tensor, Tensor], step: int) -> bool:
         if not batch:
             raise RuntimeError(
                 "NaturalGradient.step() needs the Fisher of the current batch, but no forward of "
                 "the model was backpropagated since the last step"
             )
-        params = list(grads)
-        groups = self._group_of()
-        damping = torch.cat([
-            p.new_full((p.numel(),), self.damping_of(groups[id(p)])) for p in params
-        ])
-        grad = flatten([grads[p] for p in params])
-        fmodel = FunctionalModel(self.model, self.output_fn, params)
-        with self._capture.paused():
+        opt = self.opt
+        fmodel = FunctionalModel(opt.model, opt.output_fn, list(grads))
+        with opt._capture.paused():
             rows, _ = fisher_rows(
-                fmodel, self.loss_spec, batch.inputs(), self.kind, None, self.mc_samples,
-                self._generator, valid=batch.valid_rows(),
+                fmodel, opt.loss_spec, batch.inputs(), self.kind, None, self.mc_samples,
+                opt._generator, valid=batch.valid_rows(),
             )
-        if not bool(torch.isfinite(rows).all()):
-            return None
-        direction = damped_solve(rows, damping, grad, self.solver)
+        self._rows = rows
+        return bool(torch.isfinite(rows).all())
+
+    def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        params = list(grads)
+        damping = torch.cat([
+            p.new_full((p.numel(),), self.opt.damping_of_param(p)) for p in params
+        ])
+        direction = damped_solve(self._rows, damping, flatten([grads[p] for p in params]),
+                                 self.solver)
         return dict(zip(params, unflatten(direction, params), strict=True))
+
+    def commit(self) -> None:
+        self._rows = None
+
+    def discard(self) -> None:
+        self._rows = None
+
+    def rebind(self, state: Any) -> None:
+        """No state of its own."""

@@ -1,0 +1,387 @@
+"""K-FAC's preconditioner as a value: blocks, their statistics, inverses and directions.
+
+:class:`KroneckerPreconditioner` is what :class:`natgrad.KFAC`, :class:`natgrad.EKFAC` and
+:class:`natgrad.NGDCG` hold: every supported layer's block (Kronecker, eigenbasis or dense,
+:mod:`natgrad.curvature.kfac`), the diagonal Fisher of the parameters without one (the
+*fallback*), and the plain gradient for excluded parameters. One step:
+
+    ok = pre.update(batch, grads, step)   # statistics into the EMAs, inverses when due
+    directions = pre.apply(grads)         # Δ per parameter
+    pre.commit()  or  pre.discard()       # keep the new curvature only for a taken step
+
+``update`` works on a copy of the state: the moving averages are updated out of place and
+the refreshed inverses written into the copy, so a step that is skipped or rejected after
+``update`` leaves the optimizer's state exactly as it was (``discard``). The tensors live in
+the optimizer's ``state[first parameter of the block]`` and ``state[p]["fisher_diag"]``, so
+``state_dict()`` saves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from natgrad._checks import all_finite
+from natgrad.curvature.batch import StepBatch
+from natgrad.curvature.ekfac import EigenBlock, scaling_sum
+from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, ema, record_sums
+from natgrad.curvature.model import FisherKind
+from natgrad.curvature.sampling import LabelSampler
+from natgrad.curvature.tangents import supports_trace
+from natgrad.distributed.kfac import FactorSync
+from natgrad.layers.base import KroneckerHandler
+from natgrad.layers.capture import LayerCapture, find_layers
+
+if TYPE_CHECKING:
+    from natgrad.optim.base import CurvatureOptimizer
+
+__all__ = ["Assignment", "KroneckerPreconditioner", "assign_blocks", "kronecker_curvature"]
+
+Block = KroneckerBlock | DenseBlock
+
+
+class Assignment:
+    """Which treatment each optimized parameter gets (see :func:`assign_blocks`)."""
+
+    def __init__(
+        self, blocks: dict[str, Block], fallback: dict[str, Tensor], reasons: dict[str, str],
+        excluded: set[int],
+    ) -> None:
+        self.blocks = blocks
+        self.fallback = fallback  # parameter name -> parameter
+        self.reasons = reasons  # parameter name -> why its module has no block
+        self.excluded = excluded  # ids of parameters of excluded modules
+
+    def fallback_modules(self) -> list[str]:
+        """``"module (reason)"`` for every module whose parameters use the fallback."""
+        return sorted({f"{n.rsplit('.', 1)[0] or '<model>'} ({self.reasons[n]})"
+                       for n in self.fallback})
+
+
+def assign_blocks(
+    model: nn.Module,
+    params: Iterable[Tensor],
+    exclude: Iterable[str | type],
+    block_type: type[KroneckerBlock],
+    state: Any,
+) -> Assignment:
+    """A block per supported layer whose parameters are all in ``params``; the rest of
+    ``params`` falls back to the diagonal Fisher, except those of ``exclude``-d modules.
+
+    ``state`` is the optimizer's per-parameter state (``state[p]`` holds each block's tensors).
+    """
+    layers = find_layers(model, exclude)
+    mine = {id(p) for p in params}
+    named = dict(model.named_parameters())
+    reasons = {n: why for n, why in layers.fallback.items() if id(named[n]) in mine}
+    blocks: dict[str, Block] = {}
+    for name, handler in layers.handlers.items():
+        optimized = [id(p) in mine for p in handler.params]
+        if not any(optimized):
+            continue
+        if not all(optimized):  # a block needs all of its parameters' gradients
+            why = (f"{type(handler.module).__name__} with only some of its parameters in the "
+                   "optimizer")
+            for pname, p in named.items():
+                if id(p) in mine and any(p is q for q in handler.params):
+                    reasons[pname] = why
+            continue
+        kind = block_type if isinstance(handler, KroneckerHandler) else DenseBlock
+        blocks[name] = kind(handler, state[handler.params[0]])
+    fallback = {n: named[n] for n in reasons}
+    excluded = {id(named[n]) for n in layers.excluded}
+    return Assignment(blocks, fallback, reasons, excluded)
+
+
+class KroneckerPreconditioner:
+    """Block-diagonal K-FAC (or EKFAC) curvature with a diagonal fallback (see module doc).
+
+    Args:
+        assignment: blocks and fallback parameters (:func:`assign_blocks`).
+        state: the optimizer's per-parameter state.
+        kind: ``FisherKind.TRUE`` (sampled-label δ's) or ``FisherKind.EMPIRICAL``.
+        mc_samples: sampled labels per input (weights of the draws).
+        stat_decay: EMA decay of the statistics.
+        inv_every: steps between inverse (eigenbasis) refreshes.
+        inverse_method: ``"cholesky"`` or ``"eigh"``.
+        factor_dtype, inverse_dtype: dtypes of the statistics and of the inverses.
+        sync: the data-parallel exchange (a no-op communicator on one process).
+        damping: the damping λ in force for a parameter (its group's, or the adaptive one).
+    """
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        state: Any,
+        *,
+        kind: FisherKind,
+        mc_samples: int,
+        stat_decay: float,
+        inv_every: int,
+        inverse_method: str,
+        factor_dtype: Any,
+        inverse_dtype: Any,
+        sync: FactorSync,
+        damping: Callable[[Tensor], float],
+    ) -> None:
+        self.blocks = assignment.blocks
+        self.fallback = list(assignment.fallback.values())
+        self.excluded = assignment.excluded
+        self.state = state
+        self.kind = kind
+        self.mc_samples = mc_samples
+        self.stat_decay = stat_decay
+        self.inv_every = inv_every
+        self.inverse_method = inverse_method
+        self.factor_dtype = factor_dtype
+        self.inverse_dtype = inverse_dtype
+        self.sync = sync
+        self.damping = damping
+        self._committed: dict[str, dict[str, Any]] | None = None
+        self._diagonal: dict[Tensor, Tensor] = {}
+
+    # --- pending state ----------------------------------------------------------------------
+    def rebind(self, state: Any) -> None:
+        """Point the blocks at the optimizer's state (a new one after ``load_state_dict``)."""
+        self.state = state
+        self._committed, self._diagonal = None, {}
+        for block in self.blocks.values():
+            block.state = self.state[block.handler.params[0]]
+
+    def _diag(self, p: Tensor) -> Tensor | None:
+        return self._diagonal.get(p, self.state[p].get("fisher_diag"))
+
+    def commit(self) -> None:
+        """Keep what :meth:`update` computed."""
+        if self._committed is None:
+            return
+        for name, block in self.blocks.items():
+            committed = self._committed[name]
+            for key, value in block.state.items():
+                if committed.get(key, committed) is not value:
+                    committed[key] = value
+            block.state = committed
+        for p, value in self._diagonal.items():
+            self.state[p]["fisher_diag"] = value
+        self._committed, self._diagonal = None, {}
+
+    def discard(self) -> None:
+        """Forget what :meth:`update` computed: the state is as before it."""
+        if self._committed is None:
+            return
+        for name, block in self.blocks.items():
+            block.state = self._committed[name]
+        self._committed, self._diagonal = None, {}
+
+    # --- the step ---------------------------------------------------------------------------
+    def update(self, batch: StepBatch, grads: dict[Tensor, Tensor], step: int) -> bool:
+        """Statistics (if the batch has them) and refreshes (every ``inv_every`` steps, and
+        for blocks never refreshed), into a pending copy. False if a statistic is not finite."""
+        self.discard()
+        self._committed = {name: block.state for name, block in self.blocks.items()}
+        for block in self.blocks.values():
+            block.state = dict(block.state)
+        has_stats = any(r.stats for r in batch.records)
+        if has_stats and not self._gather_statistics(batch, grads):
+            return False
+        due = step % self.inv_every == 0
+        if due or not all(b.refreshed for b in self.blocks.values() if b.ready):
+            self._refresh()
+        if has_stats:
+            self._scaling_statistics(batch)
+        return True
+
+    def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """Δ per parameter: Kronecker, eigenbasis and dense blocks, the diagonal fallback; the
+        plain gradient where there is no curvature yet or the module is excluded."""
+        directions: dict[Tensor, Tensor] = {}
+        for block in self.blocks.values():
+            params = block.handler.params
+            if not block.refreshed or not all(p in grads for p in params):
+                continue
+            direction = block.precondition(block.handler.gather(grads), self.damping(params[0]))
+            directions.update(block.handler.scatter(direction))
+        for p in self.fallback:
+            diag = self._diag(p)
+            if p in grads and diag is not None:
+                directions[p] = grads[p] / (diag + self.damping(p))
+        for p, g in grads.items():
+            directions.setdefault(p, g)  # excluded parameters, or no statistics yet
+        return {p: d for p, d in directions.items() if p in grads}
+
+    def quadratic(self, vectors: dict[Tensor, Tensor]) -> float:
+        """vᵀ F̃ v with the undamped blocks and diagonal (KL clipping), for v per parameter."""
+        total = 0.0
+        for block in self.blocks.values():
+            params = block.handler.params
+            if block.refreshed and all(p in vectors for p in params):
+                total += float(block.quadratic(block.handler.gather(vectors)).double())
+        for p in self.fallback:
+            diag = self._diag(p)
+            if p in vectors and diag is not None:
+                total += float((diag * vectors[p].square()).sum().double())
+        return total
+
+    # --- statistics -------------------------------------------------------------------------
+    def _draw_weights(self, batch: StepBatch, index: int) -> list[float]:
+        """Weights of forward ``index``'s δ draws in G (on the canonical scale)."""
+        if self.kind is FisherKind.EMPIRICAL:
+            return [batch.scales[index] ** -2]  # the loss's δ is s·(per-sample δ)
+        return [1.0 / self.mc_samples] * self.mc_samples
+
+    def _gather_statistics(self, batch: StepBatch, grads: dict[Tensor, Tensor]) -> bool:
+        new: dict[str, FactorSums] = {}
+        for name, block in self.blocks.items():
+            sums = FactorSums()
+            for i, record in enumerate(batch.records):
+                if name in record.calls:
+                    record_sums(
+                        block.handler, record.calls[name], record.batch_size, sums,
+                        self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
+                    )
+            if sums.samples:
+                new[name] = sums
+        if self.sync.active:
+            new, diag = self._reduce_statistics(batch, grads, new)
+        else:
+            diag = self._fallback_diagonal(batch, grads)
+        values = [s.input_sum for s in new.values() if s.input_sum is not None]
+        values += [s.grad_sum for s in new.values()] + list(diag.values())
+        if not all_finite(values):
+            return False
+        for name, sums in new.items():
+            self.blocks[name].update(sums, self.stat_decay)
+        for p, value in diag.items():
+            self._diagonal[p] = ema(self.state[p].get("fisher_diag"), value, self.stat_decay)
+        return True
+
+    def _reduce_statistics(
+        self, batch: StepBatch, grads: dict[Tensor, Tensor], new: dict[str, FactorSums]
+    ) -> tuple[dict[str, FactorSums], dict[Tensor, Tensor]]:
+        """The statistics of every rank's batch together (one bucketed all-reduce) and the
+        fallback diagonal normalised by the total number of samples N."""
+        empirical = self.kind is FisherKind.EMPIRICAL
+        # sampled-label diagonal: reduce the sums Σ g² (normaliser 1), divide by N after;
+        # the empirical one comes from the already all-reduced gradient and N alone
+        local = {} if empirical else self._fallback_diagonal(batch, grads, samples=1)
+        params = [] if empirical else [p for p in self.fallback if p in grads]
+        new, diag, total = self.sync.reduce_statistics(
+            self.blocks, new, local, params, batch.rows, self.factor_dtype
+        )
+        if empirical:
+            return new, self._fallback_diagonal(batch, grads, samples=total)
+        return new, {p: value / total for p, value in diag.items()}
+
+    def _fallback_diagonal(
+        self, batch: StepBatch, grads: dict[Tensor, Tensor], samples: int | None = None
+    ) -> dict[Tensor, Tensor]:
+        """diag F ≈ E[ĝ²]/N with ĝ the batch-summed sampled-label gradient (unbiased);
+        N = ``samples`` if given, else the batch's rows."""
+        if not self.fallback or not batch:
+            return {}
+        n = batch.rows if samples is None else samples
+        if self.kind is FisherKind.EMPIRICAL:
+            return {p: (grads[p] * n).square() / n for p in self.fallback if p in grads}
+        out: dict[Tensor, Tensor] = {}
+        for record in batch.records:
+            for draw in record.sampled_param_grads:
+                for p, g in zip(self.fallback, draw, strict=True):
+                    if g is not None:
+                        value = g.square() / (n * self.mc_samples)
+                        out[p] = value if p not in out else out[p] + value
+        return out
+
+    def _scaling_statistics(self, batch: StepBatch) -> None:
+        """EKFAC: the per-sample second moments in the (current) eigenbases."""
+        parts: dict[str, tuple[Tensor | None, int]] = {}
+        for name, block in self.blocks.items():
+            if not isinstance(block, EigenBlock) or not block.refreshed:
+                continue
+            total, samples = None, 0
+            for i, record in enumerate(batch.records):
+                if name not in record.calls:
+                    continue
+                part = scaling_sum(
+                    block.handler, record.calls[name], self._draw_weights(batch, i),
+                    block.state["eigvecs_out"], block.state["eigvecs_in"],
+                )
+                total = part if total is None else total + part
+                samples += record.batch_size
+            parts[name] = (total, samples)
+        if not parts:
+            return
+        if self.sync.active:  # the scaling of every rank's batch together
+            parts = self.sync.reduce_scaling(self.blocks, parts)
+        for name, (total, samples) in parts.items():
+            if total is not None:
+                self.blocks[name].update_scaling(total, samples, self.stat_decay)
+
+    # --- inverses ---------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        def refresh(block: Block) -> None:
+            block.refresh(self.damping(block.handler.params[0]), self.inverse_method,
+                          self.inverse_dtype)
+
+        if self.sync.active:  # on the owners, then broadcast (see inverse_placement)
+            self.sync.refresh(self.blocks, refresh, self.inverse_dtype)
+            return
+        for block in self.blocks.values():
+            if block.ready:
+                refresh(block)
+
+
+def kronecker_curvature(
+    opt: CurvatureOptimizer,
+    *,
+    exclude: Iterable[str | type],
+    block_type: type[KroneckerBlock],
+    kind: str,
+    mc_samples: int,
+    stat_decay: float,
+    inv_every: int,
+    inverse_method: str,
+    factor_dtype: Any,
+    inverse_dtype: Any,
+    placement: str,
+    fallback_effect: str,
+    diagonal_only: bool = False,
+) -> KroneckerPreconditioner:
+    """K-FAC's curvature for ``opt``: the blocks of its model's layers (or, with
+    ``diagonal_only``, the diagonal Fisher of every parameter), and the hooks that feed them
+    (attached to ``opt``): sampled labels for the true Fisher, the loss's own δ's for the
+    empirical one. Warns once, naming the modules that have no block."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if diagonal_only:
+        named = {id(p): n for n, p in opt.model.named_parameters()}
+        assignment = Assignment({}, {named[id(p)]: p for p in params},
+                                {named[id(p)]: "diagonal preconditioner" for p in params}, set())
+    else:
+        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state)
+        if assignment.fallback:
+            opt._warn_once(
+                "fallback",
+                f"{type(opt).__name__}: no Kronecker-factored block for these modules; their "
+                f"parameters {fallback_effect}: {', '.join(assignment.fallback_modules())}",
+            )
+    fisher = FisherKind.EMPIRICAL if kind == "empirical" else FisherKind.TRUE
+    ref = params[0]
+    factor_dtype = factor_dtype or ref.dtype
+    preconditioner = KroneckerPreconditioner(
+        assignment, opt.state, kind=fisher, mc_samples=mc_samples, stat_decay=stat_decay,
+        inv_every=inv_every, inverse_method=inverse_method, factor_dtype=factor_dtype,
+        inverse_dtype=inverse_dtype or factor_dtype, sync=FactorSync(opt.communicator, placement),
+        damping=opt.damping_of_param,
+    )
+    sampler = None
+    if fisher is FisherKind.TRUE:
+        sampler = LabelSampler(opt.loss_spec, opt._generator, mc_samples,
+                               preconditioner.fallback)
+    handlers = {name: block.handler for name, block in assignment.blocks.items()}
+    opt._attach(LayerCapture(
+        opt.model, handlers, opt.output_fn, on_backward=sampler,
+        grad_hooks=fisher is FisherKind.EMPIRICAL,
+        trace=opt.auto.enabled and supports_trace(opt.model),
+    ))
+    return preconditioner

@@ -1,0 +1,183 @@
+"""The update of one step, for fixed and automatic settings alike: δ = a·(−Δ) + m·δ₀.
+
+Every natgrad optimizer ends its step here. Given the directions Δ (the preconditioned
+gradient) and the previous update δ₀, the update of each parameter is
+
+    δ = a·(−Δ) + m·δ₀,   θ ← s·θ + δ   (s = 1 − lr·wd with decoupled weight decay, else 1),
+
+and only the source of the coefficients differs:
+
+* fixed settings: a = the group's ``lr`` (times the KL-clipping factor ν, if ``kl_clip``),
+  m = the group's ``momentum`` μ times lr / (the lr of δ₀): heavy-ball momentum
+  θ ← θ − lr(μ·buf + Δ) as ``torch.optim.SGD`` takes it, written on the update
+  (buf = −δ₀ / lr) instead of a buffer;
+* automatic settings: the free ones of (a, m) minimise the quadratic model of the batch
+  (:class:`natgrad.optim.control.QuadraticControl`), each group's ``lr`` multiplying the
+  chosen step (LR schedulers still act); with ``damping="auto"`` the step is checked on its
+  batch (ρ), retried once at a fraction of its length if the batch's loss went up, and
+  rejected if that fails too (Levenberg–Marquardt adapts λ either way).
+
+:func:`decide` returns a :class:`Decision`; the optimizer applies it and keeps the step's
+curvature only if it is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from natgrad._checks import all_finite
+from natgrad.curvature.batch import StepBatch
+from natgrad.curvature.model import FunctionalModel, swapped_tensors
+from natgrad.optim.control import QuadraticControl, backtrack_fraction, lm_update
+
+__all__ = ["Decision", "StepProblem", "decide"]
+
+
+@dataclass
+class StepProblem:
+    """What one step decides on; every list follows ``params``.
+
+    Attributes:
+        fmodel: the model as a function of ``params``.
+        batch: the step's forwards.
+        params: the parameters with a gradient.
+        grads: ∇J per parameter (with the L2 penalty's gradient).
+        directions: Δ per parameter (the step is along −Δ).
+        previous: δ₀ per parameter, None where there is none (first step, after a reject).
+        lrs, momenta: each parameter's group ``lr`` and ``momentum``.
+        previous_lrs: the fixed ``lr`` that δ₀ was taken with (None: unknown or automatic).
+        shrink: s per parameter (decoupled weight decay), 1.0 without.
+        damping: λ in force; weight_decay: the L2 penalty η of the quadratic model.
+        step: the optimizer's step count (Levenberg–Marquardt runs every ``lm_every``).
+        kl_clip: KL-clipping bound for fixed lr (None: off); quadratic: v ↦ vᵀF̃v for it.
+        paused: a context in which the model's forwards are not captured.
+    """
+
+    fmodel: FunctionalModel
+    batch: StepBatch
+    params: list[Tensor]
+    grads: list[Tensor]
+    directions: list[Tensor]
+    previous: list[Tensor | None]
+    lrs: list[float]
+    momenta: list[float]
+    previous_lrs: list[float | None]
+    shrink: list[float]
+    damping: float
+    weight_decay: float
+    step: int
+    paused: Callable[[], AbstractContextManager[None]]
+    kl_clip: float | None = None
+    quadratic: Callable[[dict[Tensor, Tensor]], float] | None = None
+
+
+@dataclass
+class Decision:
+    """The update δ per parameter, whether it is taken, and what to record.
+
+    ``info`` holds ``lr`` and ``momentum`` (the coefficients a, m applied to −Δ and δ₀, first
+    group's), and with automatic damping ``rho`` and the new ``damping``; ``counter`` names
+    the counter to increment (``"backtracked_steps"``, ``"rejected_steps"``) or is None.
+    """
+
+    update: list[Tensor]
+    accepted: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    counter: str | None = None
+
+
+def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
+    """The step's update (see module doc); None if a non-finite quantity appears."""
+    settings = control.settings
+    directions = _kl_clipped(problem)
+    previous = problem.previous
+    has_previous = all(v is not None for v in previous)
+    if not settings.enabled:  # fixed lr and momentum, per group
+        update = []
+        for d, v, lr, mu, before in zip(directions, previous, problem.lrs, problem.momenta,
+                                        problem.previous_lrs, strict=True):
+            if mu == 0.0 or v is None:
+                update.append(-lr * d)
+            else:  # −lr(Δ + μ·buf) with buf = −δ₀/lr_before: an LR schedule scales it all
+                update.append(-lr * d + (mu * lr / (before or lr)) * v)
+        return Decision(update, info={"lr": problem.lrs[0], "momentum": problem.momenta[0]})
+
+    # the quadratic model chooses the free coefficients; a fixed lr is folded into d
+    lrs = problem.lrs
+    descent = [-d if settings.lr else -lr * d for d, lr in zip(directions, lrs, strict=True)]
+    uniform = len(set(lrs)) == 1
+    with problem.paused():
+        result = control.updates(
+            problem.fmodel, problem.batch, problem.grads, descent,
+            previous if has_previous else None, problem.damping, problem.weight_decay,
+            fixed=(1.0, problem.momenta[0]),
+            scale=lrs[0] if settings.lr and uniform else 1.0,
+        )
+    if result is None or not all_finite(result[0]):
+        return None
+    update, info = result
+    if settings.lr and not uniform:  # each group's lr multiplies the chosen step
+        update = [u * lr for u, lr in zip(update, lrs, strict=True)]
+    decision = Decision(update, info={"lr": info["lr"], "momentum": info["momentum"]})
+    if not (settings.damping and problem.step % settings.lm_every == 0):
+        return decision
+
+    # Levenberg–Marquardt: ρ on the step's own batch; a step that raised it is retried once
+    predicted = info["predicted_change"]
+    rho = _reduction_ratio(control, problem, update, predicted)
+    decision.info.update(rho=rho, damping=lm_update(
+        problem.damping, rho, settings.omega, settings.min_damping, settings.max_damping
+    ))
+    if rho >= 0:
+        return decision
+    t = backtrack_fraction(info["slope"], predicted, rho * predicted)
+    if t is not None:
+        update = [u * t for u in update]
+        # the undamped model at tδ: t·slope + t²·(its quadratic part at δ)
+        at_t = t * info["slope"] + t * t * (predicted - info["slope"])
+        if _reduction_ratio(control, problem, update, at_t) >= 0:
+            decision.update, decision.counter = update, "backtracked_steps"
+            return decision
+    decision.accepted, decision.counter = False, "rejected_steps"
+    return decision
+
+
+def trial_parameters(problem: StepProblem, update: list[Tensor]) -> Iterator[Tensor]:
+    """s·θ + δ per parameter: where the step would take the parameters."""
+    for p, delta, s in zip(problem.params, update, problem.shrink, strict=True):
+        yield p.add(delta) if s == 1.0 else p.mul(s).add_(delta)
+
+
+def _kl_clipped(problem: StepProblem) -> list[Tensor]:
+    """Δ scaled by ν = min(1, √(kl_clip / Σ lr²ΔᵀF̃Δ)) (Ba et al. 2017), for a fixed lr."""
+    directions = problem.directions
+    if problem.kl_clip is None or problem.quadratic is None:
+        return directions
+    quadratic = problem.quadratic({
+        p: lr * d for p, d, lr in zip(problem.params, directions, problem.lrs, strict=True)
+    })
+    if quadratic > 0 and problem.kl_clip / quadratic < 1.0:
+        scale = math.sqrt(problem.kl_clip / quadratic)
+        return [d * scale for d in directions]
+    return directions
+
+
+def _reduction_ratio(
+    control: QuadraticControl, problem: StepProblem, update: list[Tensor], predicted: float
+) -> float:
+    """ρ of the step to s·θ + δ on the step's batch, the L2 penalty's change included."""
+    trial = list(trial_parameters(problem, update))
+    penalty = 0.0  # L2 penalty change η(θ_newᵀδ − ½‖δ‖²), part of the objective
+    if problem.weight_decay:
+        penalty = problem.weight_decay * float(sum(
+            (p * d).sum() - 0.5 * d.square().sum() for p, d in zip(trial, update, strict=True)
+        ))
+    swap = {id(p): t for p, t in zip(problem.params, trial, strict=True)}
+    with problem.paused(), swapped_tensors(problem.fmodel.model, swap):
+        return control.reduction_ratio(problem.fmodel, problem.batch, predicted, penalty)
