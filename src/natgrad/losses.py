@@ -135,7 +135,8 @@ class LossSpec:
         dimension) as bool, read off ∂L/∂f; None when every position counts."""
         if self.ignore_index is None:
             return None
-        return output_grad.detach().ne(0).any(-1)
+        valid = output_grad.detach().ne(0).any(-1)
+        return None if bool(valid.all()) else valid
 
     def valid_from_targets(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:
         """Which positions count, from observed targets (``!= ignore_index``), ``[N, ...]``."""

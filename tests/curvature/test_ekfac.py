@@ -114,7 +114,7 @@ def test_true_scaling_converges_to_diagonal_of_exact_block(arch):
     errors = {}
     for mc in (MC_FEW, MC_MANY):
         opt, before, inputs, _ = ekfac_after_one_step(
-            arch, "categorical", kind="true", mc_samples=mc, seed=7
+            arch, "categorical", kind="mc", mc_samples=mc, seed=7
         )
         errors[mc] = {}
         for name, module in kronecker_layers(before).items():

@@ -246,12 +246,12 @@ def test_fallback_update_is_diagonal_fisher_step_empirical():
 
 
 def test_fallback_diagonal_true_kind_estimates_diagonal_fisher():
-    """kind="true": diag F from sampled-label gradients converges to the exact diagonal."""
+    """kind="mc": diag F from sampled-label gradients converges to the exact diagonal."""
     model, inputs, targets = fallback_problem()
     exact = brute_force_fisher(model, inputs, "categorical").diagonal()
     with pytest.warns(RuntimeWarning, match="diagonal-Fisher"):
         opt, _ = one_step(
-            natgrad.KFAC, model, inputs, targets, kind="true", mc_samples=MC_MANY
+            natgrad.KFAC, model, inputs, targets, kind="mc", mc_samples=MC_MANY
         )
     offsets, start = {}, 0
     for p in model.parameters():

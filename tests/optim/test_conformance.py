@@ -295,6 +295,42 @@ def test_non_finite_loss_is_skipped(factory):
 
 
 @pytest.mark.parametrize("factory", ALL)
+def test_a_step_skipped_after_the_curvature_update_changes_no_state(factory, monkeypatch):
+    """The step's curvature is computed before the update is decided; when the decision
+    fails (a non-finite quadratic model, forced here) the statistics, inverses, warm starts
+    and momentum are exactly those before the step."""
+    import natgrad.optim.base
+
+    model = make_model("mlp")
+    opt = factory(model)
+    data = [batch("mlp", seed=s) for s in range(3)]
+    train(opt, model, data[:2])
+    before, state = params_of(model), copy.deepcopy(opt.state_dict())
+    monkeypatch.setattr(natgrad.optim.base, "decide", lambda control, problem: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(opt, model, data[2:])
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    state["state"]["natgrad"]["skipped_steps"] += 1
+    assert_same_state(state, opt.state_dict())
+
+
+def test_kind_true_is_the_deprecated_name_of_mc():
+    model, twin = make_model("mlp"), make_model("mlp")
+    with pytest.warns(DeprecationWarning, match="kind='mc'"):
+        old = natgrad.KFAC(model, kind="true", **_BLOCKS)
+    new = natgrad.KFAC(twin, kind="mc", **_BLOCKS)
+    data = [batch("mlp", seed=s) for s in range(3)]
+    train(old, model, data)
+    train(new, twin, data)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        natgrad.KFAC(make_model("mlp"), kind="exact")
+
+
+@pytest.mark.parametrize("factory", ALL)
 def test_step_with_closure_returns_the_loss(factory):
     model = make_model("mlp")
     manual, closed = copy.deepcopy(model), copy.deepcopy(model)

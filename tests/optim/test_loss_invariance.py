@@ -48,11 +48,11 @@ OPTIMIZERS = [
                                                         momentum="auto", **k),
                  id="NaturalGradient-auto"),
 ]
-KINDS = ["true", "empirical"]
+KINDS = ["mc", "empirical"]
 
 
 def _kind(factory, kind: str) -> dict:
-    """NaturalGradient has no empirical kind (it never sees targets): it uses 'mc' there."""
+    """NaturalGradient has no empirical kind (it never sees targets): 'mc' there too."""
     name = factory.__code__.co_names
     if "NaturalGradient" in name and kind == "empirical":
         return {"kind": "mc"}

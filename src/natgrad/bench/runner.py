@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from natgrad._checks import check_positive_int
 from natgrad.bench.data import Dataset, batch_indices
 from natgrad.bench.optimizers import (
     OPTIMIZERS,
@@ -82,12 +83,10 @@ class BenchConfig:
         _check_names("problem", self.problems, list(PROBLEMS), list(PROBLEMS))
         if self.optimizers is not None:
             _check_names("optimizer", self.optimizers, list(OPTIMIZERS), available_optimizers())
-        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        check_positive_int("steps", self.steps, allow=(None,))
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in 0..2**32-1, got {self.seed!r}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        check_positive_int("threads", self.threads)
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -239,7 +239,7 @@ def kfac_factors(
 def ema(old: Tensor | None, value: Tensor, decay: float) -> Tensor:
     """decay·old + (1 − decay)·value, a new tensor (``value`` itself when there is no
     ``old``): the old average stays intact until the optimizer keeps the new one."""
-    return value if old is None else old * decay + value * (1 - decay)
+    return value if old is None else torch.lerp(old, value, 1 - decay)
 
 
 class KroneckerBlock:

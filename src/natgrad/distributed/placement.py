@@ -16,6 +16,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from natgrad._checks import check_positive_int
+
 __all__ = ["PLACEMENTS", "balanced_placement", "block_cost", "rank_loads"]
 
 PLACEMENTS = ("balanced", "everywhere")
@@ -60,8 +62,7 @@ def balanced_placement(costs: Sequence[float], world_size: int) -> list[int]:
         Graham, Bounds on multiprocessing timing anomalies, 1969. Pauloski et al., KAISA:
         an adaptive second-order optimizer framework for deep neural networks, 2021.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    check_positive_int("world_size", world_size)
     if any(c < 0 for c in costs):
         raise ValueError("costs must be >= 0")
     owners = [0] * len(costs)

@@ -120,14 +120,14 @@ class LayerCapture:
     """Hooks that record one :class:`ForwardRecord` per forward of the model.
 
     Every forward with gradients enabled records the model's inputs; layer calls are
-    recorded only while :attr:`active` is True (statistics steps).
+    recorded only while :attr:`gathering` is True (statistics steps).
 
     Args:
         model: the model.
         handlers: module name -> handler, the layers to watch.
         output_fn: maps the model's output to the likelihood's parameters.
         on_backward: called as ``on_backward(record, output)`` when the backward of a
-            forward recorded while active reaches the model's output (graph still alive).
+            forward recorded while gathering reaches the model's output (graph still alive).
         grad_hooks: also record the gradient arriving at each layer output (the loss's own
             δ, for the empirical Fisher).
         trace: record every child's output of a ``Sequential`` model in each forward
@@ -143,7 +143,7 @@ class LayerCapture:
         grad_hooks: bool = False,
         trace: bool = False,
     ) -> None:
-        self.active = True
+        self.gathering = True  # record layer calls (a statistics step)
         self.records: list[ForwardRecord] = []
         self._output_fn = output_fn
         self._on_backward = on_backward
@@ -165,7 +165,7 @@ class LayerCapture:
 
     def _layer_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if not (self.active and not self._paused and torch.is_grad_enabled()):
+            if not (self.gathering and not self._paused and torch.is_grad_enabled()):
                 return
             if not isinstance(output, Tensor) or not args:
                 return
@@ -193,7 +193,7 @@ class LayerCapture:
         if not out.requires_grad:
             return
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.active, trace=trace)
+        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.gathering, trace=trace)
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
         record.attached_output = out

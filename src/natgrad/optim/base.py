@@ -184,7 +184,15 @@ class CurvatureOptimizer(Optimizer):
         """The damping λ in force for parameter ``p`` (its group's)."""
         if self.auto.damping:
             return self.damping_of(self.param_groups[0])
-        return next(g["damping"] for g in self.param_groups if any(q is p for q in g["params"]))
+        return self._group_of(p)["damping"]
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group that holds ``p`` (looked up in a map rebuilt when groups change)."""
+        key = tuple(id(g["params"]) for g in self.param_groups)
+        if getattr(self, "_groups_key", None) != key:
+            self._groups = {id(q): g for g in self.param_groups for q in g["params"]}
+            self._groups_key = key
+        return self._groups[id(p)]
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (no more statistics are gathered)."""
@@ -230,7 +238,7 @@ class CurvatureOptimizer(Optimizer):
     def _schedule_statistics(self) -> None:
         # statistics are gathered on steps 0, stat_every, 2·stat_every, ...
         step = self.global_state["step"]
-        self._capture.active = self.stat_every is not None and step % self.stat_every == 0
+        self._capture.gathering = self.stat_every is not None and step % self.stat_every == 0
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -326,7 +334,8 @@ class CurvatureOptimizer(Optimizer):
                           else 1.0)
         quadratic = getattr(self.preconditioner, "quadratic", None)
         return StepProblem(
-            fmodel=FunctionalModel(self.model, self.output_fn, params),
+            fmodel=FunctionalModel(self.model, self.output_fn, params) if self.auto.enabled
+            else None,
             batch=batch,
             params=params,
             grads=[grads[p] for p in params],

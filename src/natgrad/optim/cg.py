@@ -31,7 +31,7 @@ from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
 from natgrad.optim.base import CurvatureOptimizer
-from natgrad.optim.kfac import KINDS
+from natgrad.optim.kfac import fisher_kind
 from natgrad.optim.kronecker import KroneckerPreconditioner, kronecker_curvature
 
 __all__ = ["NGDCG", "ConjugateGradientSolve"]
@@ -172,7 +172,7 @@ class NGDCG(CurvatureOptimizer):
         decoupled_weight_decay: bool = False,
         loss: nn.Module | None = None,
         likelihood: str | Likelihood | None = None,
-        kind: str = "true",
+        kind: str = "mc",
         mc_samples: int = 1,
         cg_max_iters: int = 10,
         cg_tol: float = 1e-3,
@@ -194,7 +194,7 @@ class NGDCG(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
-        kind = check_choice("kind", kind, KINDS)
+        kind = fisher_kind(kind)
         check_positive_int("mc_samples", mc_samples)
         check_positive_int("cg_max_iters", cg_max_iters)
         check_positive("cg_tol", cg_tol)

@@ -7,6 +7,7 @@ and the hooks that feed it; the step itself is the base class's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,7 +31,21 @@ from natgrad.optim.kronecker import KroneckerPreconditioner, kronecker_curvature
 
 __all__ = ["KFAC", "EKFAC"]
 
-KINDS = ("true", "mc", "empirical")  # "mc": the optimizer's true Fisher is always sampled
+KINDS = ("mc", "empirical")
+
+
+def fisher_kind(kind: Any) -> str:
+    """Validate an optimizer's ``kind``: ``"mc"`` (the true Fisher estimated with labels drawn
+    from the model) or ``"empirical"``. ``"true"``, the old name of ``"mc"`` here, still works
+    with a DeprecationWarning: it means the exact expectation in the functional API."""
+    if kind == "true":
+        warnings.warn(
+            "kind='true' for an optimizer is deprecated: its true Fisher is estimated with "
+            "labels drawn from the model, which is kind='mc' (as in natgrad.fisher_matrix, "
+            "where kind='true' is the exact expectation)", DeprecationWarning, stacklevel=3,
+        )
+        return "mc"
+    return check_choice("kind", kind, KINDS)
 
 
 class KFAC(CurvatureOptimizer):
@@ -92,9 +107,9 @@ class KFAC(CurvatureOptimizer):
         likelihood: instead of ``loss``: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``
             or a Likelihood, with the loss the batch mean of each example's negative
             log-likelihood summed over its outputs. Neither: ``"categorical"``.
-        kind: ``"true"`` (labels sampled from the model) or ``"empirical"`` (the loss's own
-            gradients).
-        mc_samples: sampled labels per input for ``kind="true"``.
+        kind: ``"mc"`` (the true Fisher, estimated with labels sampled from the model) or
+            ``"empirical"`` (the loss's own gradients).
+        mc_samples: sampled labels per input for ``kind="mc"``.
         stat_every: steps between statistics updates.
         inv_every: steps between inverse (or eigenbasis) refreshes.
         stat_decay: EMA decay of the statistics in [0, 1).
@@ -151,7 +166,7 @@ class KFAC(CurvatureOptimizer):
         decoupled_weight_decay: bool = False,
         loss: nn.Module | None = None,
         likelihood: str | Likelihood | None = None,
-        kind: str = "true",
+        kind: str = "mc",
         mc_samples: int = 1,
         stat_every: int = 5,
         inv_every: int = 10,
@@ -171,7 +186,7 @@ class KFAC(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
-        kind = check_choice("kind", kind, KINDS)
+        kind = fisher_kind(kind)
         check_positive_int("mc_samples", mc_samples)
         check_positive_int("stat_every", stat_every)
         check_positive_int("inv_every", inv_every)

@@ -101,7 +101,7 @@ class KroneckerPreconditioner:
     Args:
         assignment: blocks and fallback parameters (:func:`assign_blocks`).
         state: the optimizer's per-parameter state.
-        kind: ``FisherKind.TRUE`` (sampled-label δ's) or ``FisherKind.EMPIRICAL``.
+        kind: ``FisherKind.MC`` (sampled-label δ's) or ``FisherKind.EMPIRICAL``.
         mc_samples: sampled labels per input (weights of the draws).
         stat_decay: EMA decay of the statistics.
         inv_every: steps between inverse (eigenbasis) refreshes.
@@ -365,7 +365,7 @@ def kronecker_curvature(
                 f"{type(opt).__name__}: no Kronecker-factored block for these modules; their "
                 f"parameters {fallback_effect}: {', '.join(assignment.fallback_modules())}",
             )
-    fisher = FisherKind.EMPIRICAL if kind == "empirical" else FisherKind.TRUE
+    fisher = FisherKind(kind)
     ref = params[0]
     factor_dtype = factor_dtype or ref.dtype
     preconditioner = KroneckerPreconditioner(
@@ -375,7 +375,7 @@ def kronecker_curvature(
         damping=opt.damping_of_param,
     )
     sampler = None
-    if fisher is FisherKind.TRUE:
+    if fisher is FisherKind.MC:
         sampler = LabelSampler(opt.loss_spec, opt._generator, mc_samples,
                                preconditioner.fallback)
     handlers = {name: block.handler for name, block in assignment.blocks.items()}

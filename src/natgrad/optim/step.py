@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from natgrad._checks import all_finite
@@ -44,7 +45,7 @@ class StepProblem:
     """What one step decides on; every list follows ``params``.
 
     Attributes:
-        fmodel: the model as a function of ``params``.
+        fmodel: the model as a function of ``params`` (automatic settings only).
         batch: the step's forwards.
         params: the parameters with a gradient.
         grads: ∇J per parameter (with the L2 penalty's gradient).
@@ -59,7 +60,7 @@ class StepProblem:
         paused: a context in which the model's forwards are not captured.
     """
 
-    fmodel: FunctionalModel
+    fmodel: FunctionalModel | None
     batch: StepBatch
     params: list[Tensor]
     grads: list[Tensor]
@@ -99,13 +100,12 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     previous = problem.previous
     has_previous = all(v is not None for v in previous)
     if not settings.enabled:  # fixed lr and momentum, per group
-        update = []
-        for d, v, lr, mu, before in zip(directions, previous, problem.lrs, problem.momenta,
+        update = torch._foreach_mul(directions, [-lr for lr in problem.lrs])
+        for u, v, lr, mu, before in zip(update, previous, problem.lrs, problem.momenta,
                                         problem.previous_lrs, strict=True):
-            if mu == 0.0 or v is None:
-                update.append(-lr * d)
-            else:  # −lr(Δ + μ·buf) with buf = −δ₀/lr_before: an LR schedule scales it all
-                update.append(-lr * d + (mu * lr / (before or lr)) * v)
+            if mu != 0.0 and v is not None:
+                # −lr(Δ + μ·buf) with buf = −δ₀/lr_before: an LR schedule scales it all
+                u.add_(v, alpha=mu * lr / (before or lr))
         return Decision(update, info={"lr": problem.lrs[0], "momentum": problem.momenta[0]})
 
     # the quadratic model chooses the free coefficients; a fixed lr is folded into d
