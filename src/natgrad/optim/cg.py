@@ -13,26 +13,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natgrad._checks import (
-    check_choice,
-    check_dtype,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-)
+from natgrad._checks import check_choice, check_positive, check_positive_int
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.kfac import KroneckerBlock
 from natgrad.curvature.model import FunctionalModel, flatten
 from natgrad.curvature.products import conjugate_gradient, fisher_operator
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.comm import mean_operator
-from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
 from natgrad.optim.base import CurvatureOptimizer
-from natgrad.optim.kfac import fisher_kind
-from natgrad.optim.kronecker import KroneckerPreconditioner, kronecker_curvature
+from natgrad.optim.kronecker import (
+    KroneckerPreconditioner,
+    check_statistics,
+    kronecker_curvature,
+)
 
 __all__ = ["NGDCG", "ConjugateGradientSolve"]
 
@@ -194,18 +190,13 @@ class NGDCG(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
-        kind = fisher_kind(kind)
-        check_positive_int("mc_samples", mc_samples)
         check_positive_int("cg_max_iters", cg_max_iters)
         check_positive("cg_tol", cg_tol)
         preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
-        check_positive_int("stat_every", stat_every)
-        check_positive_int("inv_every", inv_every)
-        check_nonnegative("stat_decay", stat_decay, upper=1.0)
-        inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
-        check_dtype("factor_dtype", factor_dtype)
-        check_dtype("inverse_dtype", inverse_dtype)
-        placement = check_choice("inverse_placement", inverse_placement, PLACEMENTS)
+        kind, inverse_method, placement = check_statistics(
+            kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
+            inverse_dtype, inverse_placement,
+        )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,

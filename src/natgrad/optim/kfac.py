@@ -7,46 +7,25 @@ and the hooks that feed it; the step itself is the base class's.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from natgrad._checks import (
-    check_choice,
-    check_dtype,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-)
+from natgrad._checks import check_positive
 from natgrad.curvature.ekfac import EigenBlock
 from natgrad.curvature.kfac import KroneckerBlock
-from natgrad.distributed.placement import PLACEMENTS
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
 from natgrad.optim.base import CurvatureOptimizer
-from natgrad.optim.kronecker import KroneckerPreconditioner, kronecker_curvature
+from natgrad.optim.kronecker import (
+    KroneckerPreconditioner,
+    check_statistics,
+    kronecker_curvature,
+)
 
 __all__ = ["KFAC", "EKFAC"]
-
-KINDS = ("mc", "empirical")
-
-
-def fisher_kind(kind: Any) -> str:
-    """Validate an optimizer's ``kind``: ``"mc"`` (the true Fisher estimated with labels drawn
-    from the model) or ``"empirical"``. ``"true"``, the old name of ``"mc"`` here, still works
-    with a DeprecationWarning: it means the exact expectation in the functional API."""
-    if kind == "true":
-        warnings.warn(
-            "kind='true' for an optimizer is deprecated: its true Fisher is estimated with "
-            "labels drawn from the model, which is kind='mc' (as in natgrad.fisher_matrix, "
-            "where kind='true' is the exact expectation)", DeprecationWarning, stacklevel=3,
-        )
-        return "mc"
-    return check_choice("kind", kind, KINDS)
-
 
 class KFAC(CurvatureOptimizer):
     """K-FAC: natural gradient with a block-diagonal, Kronecker-factored Fisher.
@@ -186,17 +165,12 @@ class KFAC(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
-        kind = fisher_kind(kind)
-        check_positive_int("mc_samples", mc_samples)
-        check_positive_int("stat_every", stat_every)
-        check_positive_int("inv_every", inv_every)
-        check_nonnegative("stat_decay", stat_decay, upper=1.0)
+        kind, inverse_method, placement = check_statistics(
+            kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
+            inverse_dtype, inverse_placement,
+        )
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
-        inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
-        check_dtype("factor_dtype", factor_dtype)
-        check_dtype("inverse_dtype", inverse_dtype)
-        placement = check_choice("inverse_placement", inverse_placement, PLACEMENTS)
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,

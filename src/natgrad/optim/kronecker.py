@@ -18,12 +18,19 @@ the optimizer's ``state[first parameter of the block]`` and ``state[p]["fisher_d
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from natgrad._checks import all_finite
+from natgrad._checks import (
+    all_finite,
+    check_choice,
+    check_dtype,
+    check_nonnegative,
+    check_positive_int,
+)
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.ekfac import EigenBlock, scaling_sum
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, ema, record_sums
@@ -31,13 +38,20 @@ from natgrad.curvature.model import FisherKind
 from natgrad.curvature.sampling import LabelSampler
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.kfac import FactorSync
+from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.base import KroneckerHandler
 from natgrad.layers.capture import LayerCapture, find_layers
 
 if TYPE_CHECKING:
     from natgrad.optim.base import CurvatureOptimizer
 
-__all__ = ["Assignment", "KroneckerPreconditioner", "assign_blocks", "kronecker_curvature"]
+__all__ = [
+    "Assignment",
+    "KroneckerPreconditioner",
+    "assign_blocks",
+    "check_statistics",
+    "kronecker_curvature",
+]
 
 Block = KroneckerBlock | DenseBlock
 
@@ -330,6 +344,37 @@ class KroneckerPreconditioner:
         for block in self.blocks.values():
             if block.ready:
                 refresh(block)
+
+
+def check_statistics(
+    kind: Any, mc_samples: Any, stat_every: Any, inv_every: Any, stat_decay: Any,
+    inverse_method: Any, factor_dtype: Any, inverse_dtype: Any, placement: Any,
+) -> tuple[str, str, str]:
+    """Validate the statistics arguments of KFAC, EKFAC and NGDCG (ValueError/TypeError
+    naming the argument); returns ``kind``, ``inverse_method`` and ``placement`` as str."""
+    kind = fisher_kind(kind)
+    check_positive_int("mc_samples", mc_samples)
+    check_positive_int("stat_every", stat_every)
+    check_positive_int("inv_every", inv_every)
+    check_nonnegative("stat_decay", stat_decay, upper=1.0)
+    inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
+    check_dtype("factor_dtype", factor_dtype)
+    check_dtype("inverse_dtype", inverse_dtype)
+    return kind, inverse_method, check_choice("inverse_placement", placement, PLACEMENTS)
+
+
+def fisher_kind(kind: Any) -> str:
+    """Validate an optimizer's ``kind``: ``"mc"`` (the true Fisher estimated with labels drawn
+    from the model) or ``"empirical"``. ``"true"``, the old name of ``"mc"`` here, still works
+    with a DeprecationWarning: it means the exact expectation in the functional API."""
+    if kind == "true":
+        warnings.warn(
+            "kind='true' for an optimizer is deprecated: its true Fisher is estimated with "
+            "labels drawn from the model, which is kind='mc' (as in natgrad.fisher_matrix, "
+            "where kind='true' is the exact expectation)", DeprecationWarning, stacklevel=4,
+        )
+        return "mc"
+    return check_choice("kind", kind, ("mc", "empirical"))
 
 
 def kronecker_curvature(
