@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
@@ -36,7 +37,11 @@ __all__ = [
     "FunctionalModel",
     "check_kind",
     "output_factor",
+    "is_missing_forward_ad",
+    "mark_reverse_only",
     "position_weights",
+    "product_kernels",
+    "reverse_only",
     "sampled_score",
 ]
 
@@ -204,11 +209,28 @@ class FunctionalModel:
 
         Forward-mode AD on the module itself, with its parameters swapped for dual tensors
         (cheaper than ``torch.func.jvp`` over ``functional_call``); buffers are copies, so
-        running statistics are not touched; no backward graph is built.
+        running statistics are not touched. Attention runs on PyTorch's math kernel inside
+        the product (:func:`product_kernels`: the fused kernels have no forward-mode AD).
+        An operation without forward-mode AD (a custom ``autograd.Function`` without
+        ``jvp``) switches this model, for good, to reverse-over-reverse products
+        (:meth:`jvp_reverse`), which need only backward formulas.
         """
+        if reverse_only(self.model):
+            return self.jvp_reverse(inputs, tangents)
+        try:
+            return self._jvp_forward(inputs, tangents)
+        except (NotImplementedError, RuntimeError) as error:
+            if not is_missing_forward_ad(error):
+                raise
+            mark_reverse_only(self.model)
+            return self.jvp_reverse(inputs, tangents)
+
+    def _jvp_forward(
+        self, inputs: tuple[Tensor, ...], tangents: Sequence[Sequence[Tensor]]
+    ) -> tuple[Tensor, list[Tensor]]:
         products = []
         outputs = None
-        with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings():
+        with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings(), product_kernels():
             # torch's own forward-mode code warns about its use of torch.jit.script
             warnings.simplefilter("ignore", DeprecationWarning)
             for tangent in tangents:  # t -> J t
@@ -222,6 +244,35 @@ class FunctionalModel:
                 outputs, product = fwAD.unpack_dual(out)
                 products.append(torch.zeros_like(outputs) if product is None else product)
         return outputs, products
+
+    def jvp_reverse(
+        self, inputs: tuple[Tensor, ...], tangents: Sequence[Sequence[Tensor]]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`jvp` by reverse over reverse: g(u) = Jᵀu is linear in u, so J·t is the
+        gradient of ⟨g(u), t⟩ with respect to u (one forward, one backward with its graph,
+        one backward per tangent)."""
+        leaves = {id(p): p.detach().requires_grad_() for p in self.params}
+        with torch.enable_grad(), product_kernels():
+            with swapped_tensors(self.model, leaves, frozen_buffers=True):
+                out = self.model(*inputs)
+            out = out if self.output_fn is None else self.output_fn(out)
+            probe = torch.zeros_like(out, requires_grad=True)
+            params = [leaves[id(p)] for p in self.params]
+            transposed = torch.autograd.grad(
+                out, params, probe, create_graph=True, allow_unused=True
+            )
+            used = [(g, i) for i, g in enumerate(transposed) if g is not None and g.requires_grad]
+            products = []
+            for tangent in tangents:  # t -> J t = ∂⟨Jᵀu, t⟩/∂u
+                if not used:
+                    products.append(torch.zeros_like(out))
+                    continue
+                (product,) = torch.autograd.grad(
+                    [g for g, _ in used], probe, [tangent[i] for _, i in used],
+                    retain_graph=True, allow_unused=True,
+                )
+                products.append(torch.zeros_like(out) if product is None else product.detach())
+        return out.detach(), products
 
     def frozen_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Outputs at the current parameters, without gradients, on copies of the buffers."""
@@ -237,14 +288,74 @@ class FunctionalModel:
             out = self.outputs(params, tuple(x.unsqueeze(0) for x in sample))
             return out.squeeze(0).reshape(-1)
 
-        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=(None,) + (0,) * len(inputs))(
-            params, *inputs
-        )
+        with product_kernels():
+            try:
+                jac = torch.func.vmap(
+                    torch.func.jacrev(single), in_dims=(None,) + (0,) * len(inputs)
+                )(params, *inputs)
+            except RuntimeError as error:  # an autograd.Function torch.func cannot transform
+                if "functorch" not in str(error) and "setup_context" not in str(error):
+                    raise
+                return self._per_sample_jacobian_loop(inputs)
         return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac], dim=2)
+
+    def _per_sample_jacobian_loop(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`per_sample_jacobian` with plain autograd, one sample and one output
+        entry at a time (slow; for models that ``torch.func`` cannot transform)."""
+        rows = []
+        for n in range(inputs[0].shape[0]):
+            leaves = {id(p): p.detach().requires_grad_() for p in self.params}
+            params = [leaves[id(p)] for p in self.params]
+            with torch.enable_grad(), swapped_tensors(self.model, leaves, frozen_buffers=True):
+                out = self.model(*(x[n : n + 1] for x in inputs))
+                out = (out if self.output_fn is None else self.output_fn(out)).reshape(-1)
+                sample = []
+                for k in range(out.numel()):
+                    grads = torch.autograd.grad(out[k], params, retain_graph=True,
+                                                allow_unused=True)
+                    sample.append(torch.cat([
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(params, grads, strict=True)
+                    ]))
+            rows.append(torch.stack(sample))
+        return torch.stack(rows)
 
     def unflatten(self, vector: Tensor) -> list[Tensor]:
         """Split a flat ``[P]`` vector into tensors shaped like the parameters."""
         return unflatten(vector, self.params)
+
+
+@contextmanager
+def product_kernels() -> Iterator[None]:
+    """Inside natgrad's own products (Jacobian-vector products, per-sample Jacobians),
+    ``F.scaled_dot_product_attention`` runs on PyTorch's math kernel: the fused ones (flash,
+    memory-efficient, cuDNN, the CPU flash kernel) implement neither forward-mode AD nor
+    ``vmap``, the math kernel is made of operations that do. The training forward is not
+    affected."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+# models whose forward has an operation without forward-mode AD: products go reverse-only
+_REVERSE_ONLY: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def reverse_only(model: nn.Module) -> bool:
+    """Whether ``model``'s Jacobian-vector products must avoid forward-mode AD."""
+    return _REVERSE_ONLY.get(model, False)
+
+
+def mark_reverse_only(model: nn.Module) -> None:
+    """Record that ``model`` has an operation without forward-mode AD."""
+    _REVERSE_ONLY[model] = True
+
+
+def is_missing_forward_ad(error: Exception) -> bool:
+    """Whether ``error`` says an operation has no forward-mode derivative."""
+    text = str(error).lower()
+    return any(key in text for key in ("forward ad", "forward-mode", "jvp", "forward mode"))
 
 
 @contextmanager

@@ -20,6 +20,8 @@ from natgrad.curvature.model import (
     flatten,
     output_factor,
     position_weights,
+    product_kernels,
+    swapped_tensors,
 )
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec, resolve_loss
@@ -138,20 +140,27 @@ def fisher_operator(
     The product is the canonical (batch-mean) Fisher's, or with ``loss_scale`` that of the
     loss as ``spec`` normalises it (c times the canonical one, see :func:`fisher_matrix`).
     """
-    params = fmodel.detached_params()
-
-    def f(*ps: Tensor) -> Tensor:
-        return fmodel.outputs(ps, inputs, frozen_buffers=frozen_buffers)
-
-    outputs, vjp_fn = torch.func.vjp(f, *params)
+    leaves = {id(p): p.detach().requires_grad_() for p in fmodel.params}
+    params = [leaves[id(p)] for p in fmodel.params]
+    # the reverse graph, built once: plain autograd, so that any operation with a backward
+    # formula works (custom autograd.Functions included); attention on the math kernel
+    with torch.enable_grad(), product_kernels():
+        with swapped_tensors(fmodel.model, leaves, frozen_buffers=frozen_buffers):
+            outputs = fmodel.model(*inputs)
+        outputs = outputs if fmodel.output_fn is None else fmodel.output_fn(outputs)
     apply = output_operator(spec, outputs, kind, targets, mc_samples, generator, valid)
     n = outputs.shape[0]
     if loss_scale:
         n = n / spec.fisher_scale(outputs, spec.valid_from_targets(outputs, targets))
 
+    def transposed(u: Tensor) -> Tensor:  # u -> Jᵀ u
+        grads = torch.autograd.grad(outputs, params, u, retain_graph=True, allow_unused=True)
+        return flatten([torch.zeros_like(p) if g is None else g
+                        for p, g in zip(params, grads, strict=True)])
+
     def product(v: Tensor) -> Tensor:
-        _, jv = torch.func.jvp(f, params, tuple(fmodel.unflatten(v)))  # v -> J v
-        return flatten(vjp_fn(apply(jv) / n))  # -> Jᵀ Λ̃ J v / N (· c)
+        _, (jv,) = fmodel.jvp(inputs, [fmodel.unflatten(v)])  # v -> J v
+        return transposed(apply(jv) / n)  # -> Jᵀ Λ̃ J v / N (· c)
 
     return product
 

@@ -159,9 +159,14 @@ def _kl_clipped(problem: StepProblem) -> list[Tensor]:
     directions = problem.directions
     if problem.kl_clip is None or problem.quadratic is None:
         return directions
-    quadratic = problem.quadratic({
-        p: lr * d for p, d, lr in zip(problem.params, directions, problem.lrs, strict=True)
-    })
+    lrs = problem.lrs
+    if len(set(lrs)) == 1:  # lr²·ΔᵀF̃Δ
+        quadratic = lrs[0] ** 2 * problem.quadratic(dict(zip(problem.params, directions,
+                                                             strict=True)))
+    else:
+        quadratic = problem.quadratic({
+            p: lr * d for p, d, lr in zip(problem.params, directions, lrs, strict=True)
+        })
     if quadratic > 0 and problem.kl_clip / quadratic < 1.0:
         scale = math.sqrt(problem.kl_clip / quadratic)
         return [d * scale for d in directions]
