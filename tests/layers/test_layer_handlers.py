@@ -312,3 +312,86 @@ def test_exclude_by_type_and_by_container_name():
 def test_exclude_rejects_other_values():
     with pytest.raises(TypeError, match="exclude"):
         natgrad.KFAC(make_model("mlp"), exclude=[3])
+
+
+# --- parameters shared by modules, layers called functionally --------------------------------
+class TiedLM(nn.Module):
+    """Input embedding tied to the output head (GPT-2's tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_a_tied_weight_falls_back_with_a_warning_and_trains():
+    """No Kronecker block claims a parameter that two modules use: it takes the diagonal
+    Fisher (which sees every use through the parameter's own sampled-label gradient), one
+    warning names both modules, and the defaults train without a crash."""
+    from natgrad.layers.capture import find_layers
+
+    torch.manual_seed(0)
+    model = TiedLM().to(DTYPE)
+    layers = find_layers(model)
+    assert set(layers.handlers) == {"mix"}
+    assert layers.fallback == {"embed.weight": "Embedding sharing a parameter with head (tied "
+                                               "weights)"}
+    tokens = torch.randint(6, (5, 3), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(tokens, -1, 1)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+    messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
+    assert len(messages) == 1 and "embed (Embedding sharing a parameter with head" in messages[0]
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 6), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert "fisher_diag" in opt.state[model.embed.weight]
+    assert losses[-1] < losses[0]
+
+
+def test_multihead_attention_submodules_are_not_blocks_of_their_own():
+    """MultiheadAttention applies out_proj's weight with F.linear: a block for out_proj would
+    never see a call, so the whole module takes the fallback, with the reason given."""
+    from natgrad.layers.capture import find_layers
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    layers = find_layers(layer)
+    assert "self_attn.out_proj" not in layers.handlers
+    assert layers.fallback["self_attn.out_proj.weight"] == (
+        "NonDynamicallyQuantizableLinear used functionally by its parent"
+    )
+    assert layers.fallback["self_attn.in_proj_weight"] == (
+        "MultiheadAttention is not a supported layer type"
+    )
+
+
+def test_a_layer_that_is_never_called_is_named_in_a_warning():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
+
+    model = Functional().to(DTYPE)
+    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(5, 3, dtype=DTYPE)),
+                                    torch.arange(5) % 2).backward()
+        opt.step()
+    messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
+    assert messages == ["these layers were not called in the model's forward, their "
+                        "parameters take plain gradient steps until they are: b"]

@@ -33,6 +33,7 @@ HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
     (NORM_TYPES, NormHandler),
 )
 _MAX_PENDING = 64  # forwards kept between two steps (bounded memory)
+OPAQUE_TYPES = (nn.MultiheadAttention,)  # call F.linear on their submodules' weights
 
 
 @dataclass
@@ -62,12 +63,19 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
             raise TypeError(f"exclude must hold module names (str) or types, got {rule!r}")
     handlers: dict[str, LayerHandler] = {}
     excluded_modules: list[str] = []
+    opaque: list[str] = []  # modules that use their submodules' parameters functionally
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
         inside = any(name.startswith(m + ".") or m == "" for m in excluded_modules)
         if inside or _matches(name, module, exclude):
             excluded_modules.append(name)
             continue
+        if any(name.startswith(m + ".") for m in opaque):
+            # e.g. MultiheadAttention's out_proj: its forward is never called
+            reasons[name] = f"{type(module).__name__} used functionally by its parent"
+            continue
+        if isinstance(module, OPAQUE_TYPES):
+            opaque.append(name)
         for types, handler_type in HANDLERS:
             if isinstance(module, types):
                 reason = handler_type.unsupported_reason(module)
@@ -76,6 +84,19 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
                 else:
                     reasons[name] = f"{type(module).__name__} with {reason}"
                 break
+    # a parameter in several blocks (a tied embedding and output head, a weight used twice):
+    # no single Kronecker block accounts for every use, the fallback's diagonal does
+    owners: dict[int, list[str]] = {}
+    for name, handler in handlers.items():
+        for p in handler.params:
+            owners.setdefault(id(p), []).append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            for name in names:
+                if name in handlers:
+                    others = ", ".join(n for n in names if n != name)
+                    kind = type(handlers.pop(name).module).__name__
+                    reasons[name] = f"{kind} sharing a parameter with {others} (tied weights)"
     covered = {id(p) for h in handlers.values() for p in h.params}
     fallback: dict[str, str] = {}
     excluded: list[str] = []

@@ -139,8 +139,11 @@ class KroneckerPreconditioner:
         inverse_dtype: Any,
         sync: FactorSync,
         damping: Callable[[Tensor], float],
+        warn: Callable[[str, str], None] | None = None,
     ) -> None:
         self.blocks = assignment.blocks
+        self.warn = warn
+        self._checked_calls = False
         self.fallback = list(assignment.fallback.values())
         self.excluded = assignment.excluded
         self.state = state
@@ -257,6 +260,13 @@ class KroneckerPreconditioner:
                     )
             if sums.samples:
                 new[name] = sums
+        if not self._checked_calls and self.warn is not None:
+            self._checked_calls = True
+            silent = sorted(set(self.blocks) - set(new))
+            if silent:  # e.g. a layer whose weight the model uses through F.linear
+                self.warn("uncalled", "these layers were not called in the model's forward, "
+                          "their parameters take plain gradient steps until they are: "
+                          + ", ".join(silent))
         if self.sync.active:
             new, diag = self._reduce_statistics(batch, grads, new)
         else:
@@ -417,7 +427,7 @@ def kronecker_curvature(
         assignment, opt.state, kind=fisher, mc_samples=mc_samples, stat_decay=stat_decay,
         inv_every=inv_every, inverse_method=inverse_method, factor_dtype=factor_dtype,
         inverse_dtype=inverse_dtype or factor_dtype, sync=FactorSync(opt.communicator, placement),
-        damping=opt.damping_of_param,
+        damping=opt.damping_of_param, warn=opt._warn_once,
     )
     sampler = None
     if fisher is FisherKind.MC:
