@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.layers.base import LayerHandler
-from natgrad.layers.conv2d import Conv2dHandler
+from natgrad.layers.conv import CONV_TYPES, ConvHandler
 from natgrad.layers.embedding import EmbeddingHandler
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
@@ -28,7 +28,7 @@ __all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "batch_inputs", 
 
 HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
     (nn.Linear, LinearHandler),
-    (nn.Conv2d, Conv2dHandler),
+    (CONV_TYPES, ConvHandler),
     (nn.Embedding, EmbeddingHandler),
     (NORM_TYPES, NormHandler),
 )

@@ -37,7 +37,7 @@ class KFAC(CurvatureOptimizer):
     drawn from the model: on statistics steps the optimizer backpropagates them itself,
     inside the loss's backward, so the training loop is unchanged.
 
-    Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv2d`` (groups=1; other
+    Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (groups=1; other
     groups use the fallback), ``nn.Embedding`` (diagonal input factor) and the affine
     parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block of their own). Other
     trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
