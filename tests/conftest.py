@@ -378,11 +378,13 @@ def label_draws(likelihood: str, out: Tensor, kind: str, target: Tensor | None):
 
 def brute_force_kfac(
     model: nn.Module, inputs: Tensor, likelihood: str, kind: str = "true",
-    targets: Tensor | None = None,
+    targets: Tensor | None = None, reduce: bool = False,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """{name: (A, G)} with A = (1/(N·T)) Σ āāᵀ (full matrix, also for Embedding) and
     G = (1/N) Σₙ Σ_y w Σₜ δδᵀ, δ from autograd of one sample's log-likelihood with respect to
-    the layer's output (one forward per sample, one backward per outcome)."""
+    the layer's output (one forward per sample, one backward per outcome). With ``reduce``
+    (K-FAC-reduce; not for Embedding) each sample's rows are averaged (A) or summed (G) first:
+    A = (1/N) Σ āₙāₙᵀ, G = (1/N) Σₙ Σ_y w δₙδₙᵀ."""
     layers = kronecker_layers(model)
     a_sums = {n: 0.0 for n in layers}
     g_sums = {n: 0.0 for n in layers}
@@ -392,6 +394,8 @@ def brute_force_kfac(
             out = model(inputs[n : n + 1])[0]
         for name, module in layers.items():
             rows = input_rows(module, taps.inputs[name][0])
+            if reduce:
+                rows = rows.mean(0, keepdim=True)
             a_sums[name] = a_sums[name] + rows.T @ rows
             rows_seen[name] += rows.shape[0]
         target = None if targets is None else targets[n]
@@ -400,6 +404,8 @@ def brute_force_kfac(
             deltas = torch.autograd.grad(logp, [taps.outputs[k] for k in layers], retain_graph=True)
             for (name, module), delta in zip(layers.items(), deltas, strict=True):
                 d = grad_rows(module, delta[0])
+                if reduce:
+                    d = d.sum(0, keepdim=True)
                 g_sums[name] = g_sums[name] + weight * d.T @ d
     return {
         name: (a_sums[name] / rows_seen[name], g_sums[name] / inputs.shape[0]) for name in layers

@@ -149,6 +149,32 @@ def test_factors_match_brute_force(arch, likelihood, kind):
 
 
 @pytest.mark.parametrize("kind", ["true", "empirical"])
+@pytest.mark.parametrize("arch", ["seq", "cnn", "mlp"])
+def test_reduce_factors_match_their_definition(arch, kind):
+    """K-FAC-reduce: each sample's positions averaged in A and summed in G before the outer
+    products; on the MLP (no sharing) it equals expand."""
+    model, inputs, targets = problem(arch, "categorical")
+    got = natgrad.kfac_factors(model, inputs, likelihood="categorical", kind=kind,
+                               targets=targets, kfac_approx="reduce")
+    expected = brute_force_kfac(model, inputs, "categorical", kind, targets, reduce=True)
+    assert_factors_match(got, expected, model)
+    expand = natgrad.kfac_factors(model, inputs, likelihood="categorical", kind=kind,
+                                  targets=targets)
+    # (for the true Fisher of a position-wise model G is the same: the scores of different
+    # positions are independent with mean zero, so the cross terms vanish; A differs)
+    differs = any(rel_err(got[n][i], expand[n][i]) > 1e-6 for n in got for i in (0, 1))
+    assert differs == (arch != "mlp")
+
+
+def test_kfac_approx_is_validated():
+    model, inputs, _ = problem("mlp", "categorical")
+    with pytest.raises(ValueError, match="kfac_approx must be one of"):
+        natgrad.kfac_factors(model, inputs, likelihood="categorical", kfac_approx="sum")
+    with pytest.raises(ValueError, match="kfac_approx must be one of"):
+        natgrad.KFAC(model, kfac_approx="sum")
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS))
 def test_conv2d_factors_match_brute_force(config, kind):
     model, inputs, targets = problem(config, "categorical")

@@ -42,6 +42,8 @@ _FIXED = dict(lr=0.3, damping=1e-2, momentum=0.5, kl_clip=None, stat_every=1, in
 OPTIMIZERS = [
     pytest.param(lambda m, **k: natgrad.KFAC(m, **_AUTO, **k), id="KFAC-auto"),
     pytest.param(lambda m, **k: natgrad.KFAC(m, **_FIXED, **k), id="KFAC"),
+    pytest.param(lambda m, **k: natgrad.KFAC(m, **_AUTO, kfac_approx="reduce", **k),
+                 id="KFAC-reduce"),
     pytest.param(lambda m, **k: natgrad.EKFAC(m, **_AUTO, **k), id="EKFAC-auto"),
     pytest.param(lambda m, **k: natgrad.NGDCG(m, **_AUTO, **k), id="NGDCG"),
     pytest.param(lambda m, **k: natgrad.NaturalGradient(m, lr="auto", damping="auto",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad._checks import check_choice
 from natgrad.curvature.model import Inputs, as_tuple, check_kind, output_factor
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.capture import Call, LayerCapture, find_layers
@@ -27,6 +28,7 @@ from natgrad.likelihoods import Likelihood
 from natgrad.losses import resolve_loss
 
 __all__ = [
+    "KFAC_APPROX",
     "DenseBlock",
     "FactorSums",
     "KroneckerBlock",
@@ -37,6 +39,8 @@ __all__ = [
     "record_sums",
 ]
 
+
+KFAC_APPROX = ("expand", "reduce")  # K-FAC for layers shared over positions
 
 class FactorSums:
     """Running sums of one layer's statistics over samples (and draws, and micro-batches).
@@ -58,10 +62,12 @@ class FactorSums:
 
     def add_inputs(
         self, handler: KroneckerHandler, inputs: Tensor, dtype: torch.dtype,
-        valid: Tensor | None = None,
+        valid: Tensor | None = None, reduce: bool = False,
     ) -> None:
         """Add Σ āāᵀ over the input's rows; with ``valid`` (``[N, ...]`` bool, the positions
-        the loss counts) only over valid rows, where the rows are those positions."""
+        the loss counts) only over valid rows, where the rows are those positions. With
+        ``reduce`` each sample contributes one row, the mean of its (valid) positions' rows
+        (K-FAC-reduce; a diagonal input factor always expands)."""
         keep = None
         if valid is not None and handler.positions(inputs) == tuple(valid.shape):
             keep = valid.reshape(-1)
@@ -70,13 +76,26 @@ class FactorSums:
             self.input_sum = self._add(self.input_sum, handler.input_counts(indices, dtype))
             self.rows += indices.shape[0]
             return
-        rows = handler.input_rows(inputs)
-        rows = (rows if keep is None else rows[keep]).to(dtype)
+        rows = handler.input_rows(inputs).to(dtype)
+        if reduce:  # ā_n = mean over the sample's positions
+            per_sample = rows.reshape(inputs.shape[0], -1, rows.shape[1])
+            if keep is None:
+                rows = per_sample.mean(1)
+            else:
+                weights = keep.reshape(per_sample.shape[:2]).to(dtype)
+                counts = weights.sum(1)
+                rows = (per_sample * weights.unsqueeze(-1)).sum(1)[counts > 0]
+                rows = rows / counts[counts > 0].unsqueeze(-1)
+        elif keep is not None:
+            rows = rows[keep]
         self.input_sum = self._add(self.input_sum, rows.T @ rows)
         self.rows += rows.shape[0]
 
-    def add_grads(self, rows: Tensor, weight: float) -> None:
-        """Add Σ w rᵀr for a ``[M, d]`` block of δ rows (or per-sample gradients)."""
+    def add_grads(self, rows: Tensor, weight: float, samples: int | None = None) -> None:
+        """Add Σ w rᵀr for a ``[M, d]`` block of δ rows (or per-sample gradients); with
+        ``samples`` the rows of each sample are summed first (K-FAC-reduce)."""
+        if samples is not None:
+            rows = rows.reshape(samples, -1, rows.shape[1]).sum(1)
         self.grad_sum = self._add(self.grad_sum, (rows.T * weight) @ rows)
 
     def input_factor(self) -> Tensor:
@@ -94,19 +113,30 @@ def record_sums(
     weights: list[float],
     dtype: torch.dtype,
     valid: Tensor | None = None,
+    approx: str = "expand",
 ) -> None:
     """Add one forward's statistics of one layer to ``sums``.
 
     ``calls[i].grads[j]`` is δ of draw j at call i (shaped like the layer output), weighted
     by ``weights[j]``; ``valid`` marks the positions the loss counts (see
-    :meth:`FactorSums.add_inputs`).
+    :meth:`FactorSums.add_inputs`). ``approx`` is how a layer shared over positions
+    (sequence steps, spatial locations) is factored (Eschenhagen et al. 2023):
+
+    * ``"expand"``: positions count as samples, A = (1/(N·T)) Σₙₜ āāᵀ, G = (1/N) Σₙₜ δδᵀ;
+    * ``"reduce"``: positions are summed first, A = (1/N) Σₙ āₙāₙᵀ with āₙ the mean of
+      sample n's rows, G = (1/N) Σₙ δₙδₙᵀ with δₙ the sum of its rows.
+
+    Both are exact without weight sharing (T = 1).
     """
     sums.samples += batch_size
+    reduce = approx == "reduce"
     for call in calls:
         if isinstance(handler, KroneckerHandler):
-            sums.add_inputs(handler, call.inputs, dtype, valid)
+            reduce_here = reduce and not handler.diagonal_input
+            sums.add_inputs(handler, call.inputs, dtype, valid, reduce_here)
+            samples = call.inputs.shape[0] if reduce_here else None
             for grad, weight in zip(call.grads, weights, strict=True):
-                sums.add_grads(handler.grad_rows(grad).to(dtype), weight)
+                sums.add_grads(handler.grad_rows(grad).to(dtype), weight, samples)
         else:
             for grad, weight in zip(call.grads, weights, strict=True):
                 sums.add_grads(handler.per_sample_grads(call.inputs, grad).to(dtype), weight)
@@ -165,6 +195,7 @@ def kfac_factors(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     output_fn: Callable[[Any], Tensor] | None = None,
+    kfac_approx: str = "expand",
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC's Kronecker factors (A, G) of every supported layer on one batch.
 
@@ -186,6 +217,8 @@ def kfac_factors(
     Args:
         model, inputs, likelihood, loss, kind, targets, mc_samples, generator, output_fn: as
             in :func:`natgrad.fisher_matrix`.
+        kfac_approx: ``"expand"`` or ``"reduce"``, how layers shared over positions are
+            factored (see :func:`record_sums`); Embedding layers always expand.
 
     Returns:
         ``{module name: (A, G)}`` in ``model.named_modules()`` order.
@@ -201,6 +234,7 @@ def kfac_factors(
     """
     spec = resolve_loss(likelihood, loss, required=True)
     kind = check_kind(kind, targets, mc_samples)
+    kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
     handlers = {
         name: h for name, h in find_layers(model).handlers.items()
         if isinstance(h, KroneckerHandler)
@@ -229,7 +263,7 @@ def kfac_factors(
         sums = FactorSums()
         record_sums(
             handler, record.calls[name], record.batch_size, sums,
-            [scale] * factor.shape[-1], output.dtype, valid,
+            [scale] * factor.shape[-1], output.dtype, valid, kfac_approx,
         )
         result[name] = (sums.input_factor(), sums.grad_factor())
     return result

@@ -134,7 +134,7 @@ class NGDCG(CurvatureOptimizer):
         model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
         decoupled_weight_decay, inverse_method, inverse_placement, process_group,
-        curvature_rows: as in
+        curvature_rows, kfac_approx: as in
         :class:`natgrad.KFAC` (statistics serve the preconditioner only).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings (defaults 1,
             0.1 and 1.0: the exact batch Fisher has rank ≤ N·C, and with less damping the
@@ -188,6 +188,7 @@ class NGDCG(CurvatureOptimizer):
         inverse_placement: str = "balanced",
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
+        kfac_approx: str = "expand",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
         check_positive_int("cg_max_iters", cg_max_iters)
@@ -195,7 +196,7 @@ class NGDCG(CurvatureOptimizer):
         preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
         kind, inverse_method, placement = check_statistics(
             kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
-            inverse_dtype, inverse_placement,
+            inverse_dtype, inverse_placement, kfac_approx,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
@@ -217,7 +218,7 @@ class NGDCG(CurvatureOptimizer):
                 self, exclude=exclude, block_type=KroneckerBlock, kind=kind,
                 mc_samples=mc_samples, stat_decay=stat_decay, inv_every=inv_every,
                 inverse_method=inverse_method, factor_dtype=factor_dtype,
-                inverse_dtype=inverse_dtype, placement=placement,
+                inverse_dtype=inverse_dtype, placement=placement, kfac_approx=kfac_approx,
                 fallback_effect="are preconditioned in CG by the diagonal Fisher instead",
                 diagonal_only=preconditioner == "diagonal",
             )

@@ -117,6 +117,11 @@ class KFAC(CurvatureOptimizer):
             settings) evaluates its two Fisher terms: ``"auto"`` (enough rows for 4096
             output dimensions, at least 64; see :func:`natgrad.optim.control.row_stride`),
             an int, or None for every row.
+        kfac_approx: how a layer shared over positions (sequence steps, spatial locations)
+            is factored (Eschenhagen et al., 2023): ``"expand"`` (positions count as samples:
+            A is the mean of āāᵀ over samples and positions, G the mean over samples of
+            Σₜ δδᵀ) or ``"reduce"`` (each sample's positions are averaged in A and summed in
+            G first). Both are exact without sharing; Embedding layers always expand.
 
     Example:
         >>> opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss())  # automatic lr, momentum, damping
@@ -125,7 +130,9 @@ class KFAC(CurvatureOptimizer):
     References:
         Martens & Grosse, Optimizing neural networks with Kronecker-factored approximate
         curvature, 2015. Grosse & Martens, A Kronecker-factored approximate Fisher matrix for
-        convolution layers, 2016. Ba, Grosse & Martens, Distributed second-order optimization
+        convolution layers, 2016. Eschenhagen, Immer, Turner, Schneider & Hennig,
+        Kronecker-factored approximate curvature for modern neural network architectures,
+        2023. Ba, Grosse & Martens, Distributed second-order optimization
         using Kronecker-factored approximations, 2017. Pauloski et al., KAISA: an adaptive
         second-order optimizer framework for deep neural networks, 2021.
     """
@@ -163,11 +170,12 @@ class KFAC(CurvatureOptimizer):
         inverse_placement: str = "balanced",
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
+        kfac_approx: str = "expand",
     ) -> None:
         spec = resolve_loss(likelihood, loss)
         kind, inverse_method, placement = check_statistics(
             kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
-            inverse_dtype, inverse_placement,
+            inverse_dtype, inverse_placement, kfac_approx,
         )
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
@@ -185,7 +193,7 @@ class KFAC(CurvatureOptimizer):
             self, exclude=exclude, block_type=self._block_type, kind=kind,
             mc_samples=mc_samples, stat_decay=stat_decay, inv_every=inv_every,
             inverse_method=inverse_method, factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype, placement=placement,
+            inverse_dtype=inverse_dtype, placement=placement, kfac_approx=kfac_approx,
             fallback_effect="get a diagonal-Fisher update instead",
         )
 

@@ -33,7 +33,14 @@ from natgrad._checks import (
 )
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.ekfac import EigenBlock, scaling_sum
-from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock, ema, record_sums
+from natgrad.curvature.kfac import (
+    KFAC_APPROX,
+    DenseBlock,
+    FactorSums,
+    KroneckerBlock,
+    ema,
+    record_sums,
+)
 from natgrad.curvature.model import FisherKind
 from natgrad.curvature.sampling import LabelSampler
 from natgrad.curvature.tangents import supports_trace
@@ -121,6 +128,7 @@ class KroneckerPreconditioner:
         inv_every: steps between inverse (eigenbasis) refreshes.
         inverse_method: ``"cholesky"`` or ``"eigh"``.
         factor_dtype, inverse_dtype: dtypes of the statistics and of the inverses.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (:func:`natgrad.curvature.kfac.record_sums`).
         sync: the data-parallel exchange (a no-op communicator on one process).
         damping: the damping λ in force for a parameter (its group's, or the adaptive one).
     """
@@ -140,6 +148,7 @@ class KroneckerPreconditioner:
         sync: FactorSync,
         damping: Callable[[Tensor], float],
         warn: Callable[[str, str], None] | None = None,
+        kfac_approx: str = "expand",
     ) -> None:
         self.blocks = assignment.blocks
         self.warn = warn
@@ -156,6 +165,7 @@ class KroneckerPreconditioner:
         self.inverse_dtype = inverse_dtype
         self.sync = sync
         self.damping = damping
+        self.kfac_approx = kfac_approx
         self._committed: dict[str, dict[str, Any]] | None = None
         self._diagonal: dict[Tensor, Tensor] = {}
 
@@ -257,6 +267,7 @@ class KroneckerPreconditioner:
                     record_sums(
                         block.handler, record.calls[name], record.batch_size, sums,
                         self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
+                        self.kfac_approx,
                     )
             if sums.samples:
                 new[name] = sums
@@ -359,9 +370,11 @@ class KroneckerPreconditioner:
 def check_statistics(
     kind: Any, mc_samples: Any, stat_every: Any, inv_every: Any, stat_decay: Any,
     inverse_method: Any, factor_dtype: Any, inverse_dtype: Any, placement: Any,
+    kfac_approx: Any,
 ) -> tuple[str, str, str]:
     """Validate the statistics arguments of KFAC, EKFAC and NGDCG (ValueError/TypeError
     naming the argument); returns ``kind``, ``inverse_method`` and ``placement`` as str."""
+    check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
     kind = fisher_kind(kind)
     check_positive_int("mc_samples", mc_samples)
     check_positive_int("stat_every", stat_every)
@@ -401,6 +414,7 @@ def kronecker_curvature(
     inverse_dtype: Any,
     placement: str,
     fallback_effect: str,
+    kfac_approx: str = "expand",
     diagonal_only: bool = False,
 ) -> KroneckerPreconditioner:
     """K-FAC's curvature for ``opt``: the blocks of its model's layers (or, with
@@ -427,7 +441,7 @@ def kronecker_curvature(
         assignment, opt.state, kind=fisher, mc_samples=mc_samples, stat_decay=stat_decay,
         inv_every=inv_every, inverse_method=inverse_method, factor_dtype=factor_dtype,
         inverse_dtype=inverse_dtype or factor_dtype, sync=FactorSync(opt.communicator, placement),
-        damping=opt.damping_of_param, warn=opt._warn_once,
+        damping=opt.damping_of_param, warn=opt._warn_once, kfac_approx=kfac_approx,
     )
     sampler = None
     if fisher is FisherKind.MC:
