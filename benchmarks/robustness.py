@@ -1,7 +1,7 @@
 """Do natgrad's defaults reach tuned Adam's target on every bench problem, for several seeds?
 
     python benchmarks/robustness.py [--seeds 0,1,2] [--problems digits-mlp,...]
-                                    [--optimizers KFAC,EKFAC] [--threads 1]
+                                    [--optimizers KFAC,EKFAC] [--threads 1] [--hparams JSON]
 
 For each problem and seed: tuned Adam (the values ``natgrad bench`` uses) runs its whole
 budget on the bench's split, initial weights and minibatch order for that seed; its final
@@ -16,6 +16,7 @@ PERFORMANCE.md's goal: no divergence in 3 seeds on any problem.
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 
 import torch
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument("--optimizers", default="KFAC,EKFAC",
                         help=f"comma-separated, of {sorted(NATGRAD_DEFAULTS)}")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hparams", default="{}", type=json.loads,
+                        help='JSON of extra arguments for the natgrad optimizers, e.g. '
+                             '\'{"kfac_approx": "reduce"}\' (default: none, the defaults)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -56,7 +60,7 @@ def main() -> None:
             adam_seconds = seconds_to_target(reference.curve, target)
             for opt_name in args.optimizers.split(","):
                 spec = OPTIMIZERS[NATGRAD_DEFAULTS[opt_name]]
-                run = train_run(problem, data, spec, {}, steps=problem.steps,
+                run = train_run(problem, data, spec, dict(args.hparams), steps=problem.steps,
                                 eval_every=EVAL_EVERY, seed=seed, stop_at=target)
                 ratio = time_ratio(seconds_to_target(run.curve, target), adam_seconds)
                 counts = run.counters

@@ -57,7 +57,7 @@ def time_problem(name: str, steps: int, block: int) -> dict[str, float]:
                 x, y = x_all[idx], y_all[idx]
                 begin = time.perf_counter()
                 opt.zero_grad()
-                problem.loss(model(x), y).backward()
+                problem.compute_loss(model(x), y).backward()
                 opt.step()
                 times.append(time.perf_counter() - begin)
     warmup = min(20, steps // 5)

