@@ -7,9 +7,14 @@ module, written by ``natgrad bench --tune``) and fall back to the entry's ``defa
 
 Grids (each value tried with the same step budget, see ``natgrad bench --tune``):
 
-* ``sgd``: lr ∈ {1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3}, momentum 0.9 (heavy ball).
-* ``adam``: lr ∈ {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}.
-* ``adadelta``: lr ∈ {0.1, 0.3, 1, 3, 10}.
+* ``sgd``: lr ∈ {1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10}, momentum 0.9 (heavy ball).
+* ``adam``: lr ∈ {3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1}.
+* ``adadelta``: lr ∈ {0.3, 1, 3, 10, 30}.
+* ``muon``: lr ∈ {1e-3, 3e-3, 1e-2, 3e-2, 0.1} (torch.optim.Muon on the hidden weight
+  matrices at AdamW's update RMS, AdamW on the rest; :mod:`natgrad.bench.peers`).
+* ``soap``, ``shampoo`` (KL-Shampoo), ``psgd-kron``: HeavyBall's, lr grids of five values;
+  only with the ``peers`` extra installed (``pip install 'natgrad[peers]'``), else the
+  bench names them as not installed and runs without them.
 * ``ngd``: lr ∈ {0.1, 0.3, 1} × damping ∈ {1e-3, 1e-2, 0.1} × momentum ∈ {0, 0.9}.
 * ``kfac``, ``ekfac``: fixed lr ∈ {0.03, 0.1, 0.3} × damping ∈ {1e-3, 1e-2, 0.1}, momentum
   0.9, KL clipping 1e-2 (statistics every 5 steps, inverses every 10, as the defaults).
@@ -35,6 +40,7 @@ entry whose class natgrad does not export yet is reported as unavailable, not an
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from collections.abc import Callable, Mapping
@@ -79,6 +85,8 @@ class OptimizerSpec:
         defaults: hyper-parameters used where no tuned value exists.
         natgrad_name: the class on the ``natgrad`` package this entry needs, if any.
         max_jacobian: largest batch·outputs·parameters the optimizer is run on (None: all).
+        requires: the package the optimizer comes from, if it is not torch or natgrad (an
+            optional extra; the entry is unavailable without it).
         step_fraction: share of each problem's step budget (and of the steps between
             evaluations) the optimizer runs, for optimizers whose step costs tens of Adam
             steps; 1.0 for all others.
@@ -92,10 +100,13 @@ class OptimizerSpec:
     natgrad_name: str | None = None
     max_jacobian: float | None = None
     step_fraction: float = 1.0
+    requires: str | None = None
 
     @property
     def available(self) -> bool:
-        """Whether this install of natgrad provides the optimizer."""
+        """Whether this install provides the optimizer (natgrad's class, the package)."""
+        if self.requires is not None:
+            return importlib.util.find_spec(self.requires) is not None
         if self.natgrad_name is None:
             return True
         import natgrad
@@ -139,6 +150,26 @@ def _torch(cls: type[Optimizer]) -> Factory:
     return build
 
 
+def _muon(model: nn.Module, loss: nn.Module, hparams: Hyper) -> Any:
+    from natgrad.bench.peers import muon
+
+    return muon(model, **hparams)
+
+
+def _heavyball(class_name: str) -> Factory:
+    def build(model: nn.Module, loss: nn.Module, hparams: Hyper) -> Optimizer:
+        import heavyball
+
+        # eager steps: HeavyBall compiles its steps with max-autotune by default, which on a
+        # CPU costs seconds per new shape (and failed for PSGDKron on torch 2.13)
+        heavyball.utils.compile_mode = None
+        # no weight decay: the benchmark compares training losses
+        return getattr(heavyball, class_name)(model.parameters(), weight_decay=0.0,
+                                              compile_step=False, **hparams)
+
+    return build
+
+
 def _natgrad(class_name: str) -> Factory:
     def build(model: nn.Module, loss: nn.Module, hparams: Hyper) -> Optimizer:
         import natgrad
@@ -175,6 +206,37 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             build=_torch(torch.optim.Adadelta),
             grid={"lr": (0.3, 1.0, 3.0, 10.0, 30.0)},
             defaults={"lr": 1.0},
+        ),
+        OptimizerSpec(
+            name="muon",
+            description="torch.optim.Muon on the hidden weight matrices, AdamW on the rest",
+            build=_muon,
+            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1)},
+            defaults={"lr": 0.02},
+        ),
+        OptimizerSpec(
+            name="soap",
+            description="SOAP (HeavyBall): Adam in Shampoo's eigenbasis",
+            build=_heavyball("SOAP"),
+            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1)},
+            defaults={"lr": 3e-3},
+            requires="heavyball",
+        ),
+        OptimizerSpec(
+            name="shampoo",
+            description="Shampoo (HeavyBall's KLShampoo)",
+            build=_heavyball("KLShampoo"),
+            grid={"lr": (1e-3, 3e-3, 1e-2, 3e-2, 0.1)},
+            defaults={"lr": 3e-3},
+            requires="heavyball",
+        ),
+        OptimizerSpec(
+            name="psgd-kron",
+            description="PSGD with Kronecker preconditioners (HeavyBall's PSGDKron)",
+            build=_heavyball("PSGDKron"),
+            grid={"lr": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
+            defaults={"lr": 1e-3},
+            requires="heavyball",
         ),
         OptimizerSpec(
             name="ngd",

@@ -43,7 +43,10 @@ def _epilog() -> str:
     lines += [f"  {name:<20} {p.description} ({p.steps} steps)" for name, p in PROBLEMS.items()]
     lines.append("optimizers:")
     for name, spec in OPTIMIZERS.items():
-        note = "" if spec.available else " [not in this natgrad install]"
+        note = "" if spec.available else (
+            " [not installed: pip install 'natgrad[peers]']" if spec.requires
+            else " [not in this natgrad install]"
+        )
         lines.append(f"  {name:<20} {spec.description}{note}")
     lines.append(
         f"ngd runs only where batch*outputs*parameters <= {NGD_MAX_JACOBIAN:.0e} (exact Fisher)."
@@ -137,6 +140,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config.validate()
     except ValueError as err:
         parser.error(str(err))
+    missing = [name for name, spec in OPTIMIZERS.items()
+               if spec.requires is not None and not spec.available]
+    if missing and config.optimizers is None:
+        _note(config, f"not installed, left out: {', '.join(missing)} "
+              "(pip install 'natgrad[peers]')")
     if config.tune:
         tuned, log = run_tuning(config)
         path = save_tuned(tuned, config.out / "tuned.json")
