@@ -57,7 +57,7 @@ def main() -> None:
         adam = [run("adam", {"lr": lr}, problem.steps) for lr in ADAM_GRID]
         target = min(r.final_train_loss for r in adam)
         kfac_steps = problem.steps // 2
-        fixed = [run("kfac", {**dict(zip(KFAC_GRID, values, strict=True)), **KFAC_FIXED},
+        fixed = [run("kfac-fixed", {**dict(zip(KFAC_GRID, values, strict=True)), **KFAC_FIXED},
                      kfac_steps) for values in itertools.product(*KFAC_GRID.values())]
         auto = [run("kfac", {}, kfac_steps)]
         rows = {"adam (best lr)": best(adam, target), "kfac fixed (best of grid)":

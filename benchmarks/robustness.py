@@ -27,7 +27,7 @@ from natgrad.bench.results import seconds_to_target, steps_to_target, time_ratio
 from natgrad.bench.runner import train_run
 
 EVAL_EVERY = 10
-NATGRAD_DEFAULTS = {"KFAC": "kfac-auto", "EKFAC": "ekfac-auto", "NGDCG": "ngdcg"}
+NATGRAD_DEFAULTS = {"KFAC": "kfac", "EKFAC": "ekfac", "NGDCG": "ngdcg"}
 
 
 def main() -> None:

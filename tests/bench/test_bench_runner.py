@@ -160,7 +160,7 @@ def test_stop_at_ends_the_run_at_the_first_evaluation_at_or_below(regression_dat
 
 
 def test_natgrad_step_counters_are_reported(regression_data) -> None:
-    kfac = train_run(REGRESSION, regression_data, OPTIMIZERS["kfac-auto"], {}, steps=4,
+    kfac = train_run(REGRESSION, regression_data, OPTIMIZERS["kfac"], {}, steps=4,
                      eval_every=2, seed=0)
     assert set(kfac.counters) >= {"skipped_steps"}
     assert all(isinstance(v, int) and v >= 0 for v in kfac.counters.values())

@@ -6,7 +6,7 @@
 checkpoint and finish. The result must equal, bit for bit, an uninterrupted run started by
 ``natgrad train --nproc 2`` (``torch.multiprocessing``): the checkpoint restores parameters,
 optimizer state (factors, inverses, momentum, the adaptive damping) and each rank's own
-label stream (``kfac-auto`` samples labels for the true Fisher).
+label stream (``kfac`` samples labels for the true Fisher).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from dist_launch import HERE, TIMEOUT, worker_env
 
-ARGS = ["--problem", "digits-autoencoder", "--optimizer", "kfac-auto", "--steps", "12",
+ARGS = ["--problem", "digits-autoencoder", "--optimizer", "kfac", "--steps", "12",
         "--batch-size", "128", "--checkpoint-every", "4"]
 KILL_STEP = 10
 

@@ -16,10 +16,11 @@ Grids (each value tried with the same step budget, see ``natgrad bench --tune``)
   only with the ``peers`` extra installed (``pip install 'natgrad[peers]'``), else the
   bench names them as not installed and runs without them.
 * ``ngd``: lr ∈ {0.1, 0.3, 1} × damping ∈ {1e-3, 1e-2, 0.1} × momentum ∈ {0, 0.9}.
-* ``kfac``, ``ekfac``: fixed lr ∈ {0.03, 0.1, 0.3} × damping ∈ {1e-3, 1e-2, 0.1}, momentum
-  0.9, KL clipping 1e-2 (statistics every 5 steps, inverses every 10, as the defaults).
-* ``kfac-auto``, ``ekfac-auto``, ``ngdcg``: natgrad's defaults (automatic lr, momentum and
-  damping); nothing to tune.
+* ``kfac``, ``ekfac``, ``ngdcg``: natgrad's defaults (automatic lr, momentum and damping),
+  named as users call them; nothing to tune.
+* ``kfac-fixed``, ``ekfac-fixed``: fixed lr ∈ {0.03, 0.1, 0.3} × damping ∈ {1e-3, 1e-2, 0.1},
+  momentum 0.9, KL clipping 1e-2 (statistics every 5 steps, inverses every 10, as the
+  defaults).
 
 Exact natural gradient (``ngd``) forms the Fisher's rows, an (N·R)×P matrix for a batch of N
 examples with R outputs each and P parameters, and solves with it (O((N·R)²·P) work). It
@@ -253,6 +254,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             name="kfac",
+            description="natgrad.KFAC defaults: automatic lr, momentum and damping",
+            build=_natgrad("KFAC"),
+            grid={},
+            natgrad_name="KFAC",
+        ),
+        OptimizerSpec(
+            name="kfac-fixed",
             description="natgrad.KFAC with a tuned fixed lr and damping, KL clipping",
             build=_natgrad("KFAC"),
             grid=_FIXED_CURVATURE_GRID,
@@ -260,25 +268,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             natgrad_name="KFAC",
         ),
         OptimizerSpec(
-            name="kfac-auto",
-            description="natgrad.KFAC defaults: automatic lr, momentum and damping",
-            build=_natgrad("KFAC"),
+            name="ekfac",
+            description="natgrad.EKFAC defaults: automatic lr, momentum and damping",
+            build=_natgrad("EKFAC"),
             grid={},
-            natgrad_name="KFAC",
+            natgrad_name="EKFAC",
         ),
         OptimizerSpec(
-            name="ekfac",
+            name="ekfac-fixed",
             description="natgrad.EKFAC with a tuned fixed lr and damping, KL clipping",
             build=_natgrad("EKFAC"),
             grid=_FIXED_CURVATURE_GRID,
             defaults={"lr": 0.1, "damping": 1e-2, "momentum": 0.9, "kl_clip": 1e-2},
-            natgrad_name="EKFAC",
-        ),
-        OptimizerSpec(
-            name="ekfac-auto",
-            description="natgrad.EKFAC defaults: automatic lr, momentum and damping",
-            build=_natgrad("EKFAC"),
-            grid={},
             natgrad_name="EKFAC",
         ),
         OptimizerSpec(

@@ -33,7 +33,8 @@ learning rate) reaches at the end of its step budget in the same run; {REFERENCE
 therefore always run. Time to target counts only the optimizer steps (forward, backward,
 step), not the periodic evaluations. Every optimizer of a problem starts from the same
 weights and sees the same minibatches; a fixed --seed reproduces the losses on one machine
-(timings vary). The default run takes under five minutes on two CPU cores (--quick: under
+(timings vary). The default run takes about six and a half minutes on two CPU cores, without
+the optional peers (--quick: under
 one minute).
 """
 
