@@ -329,33 +329,41 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(tokens))))
 
 
-def test_a_tied_weight_falls_back_with_a_warning_and_trains():
-    """No Kronecker block claims a parameter that two modules use: it takes the diagonal
-    Fisher (which sees every use through the parameter's own sampled-label gradient), one
-    warning names both modules, and the defaults train without a crash."""
+def test_a_weight_shared_beyond_two_kronecker_layers_falls_back_with_a_warning():
+    """Two Kronecker layers of one weight get a shared block (tests/curvature/test_tied.py);
+    a weight a third layer uses too (or a use with a bias of its own) has no factored
+    block: the diagonal Fisher, one warning naming the modules, and it trains."""
     from natgrad.layers.capture import find_layers
 
+    class Thrice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.c.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
     torch.manual_seed(0)
-    model = TiedLM().to(DTYPE)
+    model = Thrice().to(DTYPE)
     layers = find_layers(model)
-    assert set(layers.handlers) == {"mix"}
-    assert layers.fallback == {"embed.weight": "Embedding sharing a parameter with head (tied "
-                                               "weights)"}
-    tokens = torch.randint(6, (5, 3), generator=torch.Generator().manual_seed(1))
-    targets = torch.roll(tokens, -1, 1)
+    assert layers.shared == {} and set(layers.handlers) == set()
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
     messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
-    assert len(messages) == 1 and "embed (Embedding sharing a parameter with head" in messages[0]
+    assert len(messages) == 1 and "a (Linear sharing a parameter with b, c (tied weights))" in (
+        messages[0])
+    x, y = torch.randn(8, 4, dtype=DTYPE), torch.arange(8) % 4
     losses = []
     for _ in range(10):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 6), targets.reshape(-1))
+        loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert "fisher_diag" in opt.state[model.embed.weight]
+    assert "fisher_diag" in opt.state[model.a.weight]
     assert losses[-1] < losses[0]
 
 

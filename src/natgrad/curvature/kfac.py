@@ -207,7 +207,8 @@ def kfac_factors(
     factor), a mean over ``mc_samples`` drawn labels for ``"mc"``, the observed ``targets``
     for ``"empirical"``. The layer's Fisher block ≈ G ⊗ A on [W | b] flattened row-major
     (Conv2d: W reshaped to ``[C_out, C_in·kh·kw]``; Embedding: on Wᵀ). Normalisation layers
-    have dense blocks, not Kronecker factors, and are not in the result.
+    have dense blocks, not Kronecker factors, and are not in the result. Each layer that
+    uses a tied weight has its own (A, G) (:mod:`natgrad.curvature.shared` combines them).
 
     With ``loss=``, G is on the loss's scale (c·G, see :func:`natgrad.fisher_matrix`) and
     positions that ``targets`` mark as ignored contribute to neither factor (A drops their
@@ -235,10 +236,11 @@ def kfac_factors(
     spec = resolve_loss(likelihood, loss, required=True)
     kind = check_kind(kind, targets, mc_samples)
     kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
-    handlers = {
-        name: h for name, h in find_layers(model).handlers.items()
-        if isinstance(h, KroneckerHandler)
-    }
+    layers = find_layers(model)
+    handlers = {name: h for name, h in layers.handlers.items() if isinstance(h, KroneckerHandler)}
+    for uses in layers.shared.values():  # each use of a tied weight: its own factors
+        handlers.update(uses)
+    handlers = {name: handlers[name] for name, _ in model.named_modules() if name in handlers}
     with LayerCapture(model, handlers) as capture:
         output = model(*as_tuple(inputs))
         record = capture.records[-1] if capture.records else None

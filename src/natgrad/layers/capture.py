@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natgrad.layers.base import LayerHandler
+from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.conv import CONV_TYPES, ConvHandler
 from natgrad.layers.embedding import EmbeddingHandler
 from natgrad.layers.linear import LinearHandler
@@ -43,6 +43,8 @@ class LayerMap:
     handlers: dict[str, LayerHandler]  # module name -> handler (curvature block)
     fallback: dict[str, str]  # parameter name -> why its module is not supported
     excluded: list[str]  # names of parameters in excluded modules
+    # parameter name -> {module name: handler} of two Kronecker layers that share the weight
+    shared: dict[str, dict[str, LayerHandler]] = field(default_factory=dict)
 
 
 def _matches(name: str, module: nn.Module, exclude: Iterable[str | type]) -> bool:
@@ -84,20 +86,31 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
                 else:
                     reasons[name] = f"{type(module).__name__} with {reason}"
                 break
-    # a parameter in several blocks (a tied embedding and output head, a weight used twice):
-    # no single Kronecker block accounts for every use, the fallback's diagonal does
+    # a parameter in several layers (a tied embedding and output head): two Kronecker layers
+    # whose only parameter it is get one shared block (natgrad.curvature.shared); for any
+    # other pattern the fallback's diagonal accounts for every use
     owners: dict[int, list[str]] = {}
     for name, handler in handlers.items():
         for p in handler.params:
             owners.setdefault(id(p), []).append(name)
-    for names in owners.values():
-        if len(names) > 1:
-            for name in names:
-                if name in handlers:
-                    others = ", ".join(n for n in names if n != name)
-                    kind = type(handlers.pop(name).module).__name__
-                    reasons[name] = f"{kind} sharing a parameter with {others} (tied weights)"
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    shared: dict[str, dict[str, LayerHandler]] = {}
+    for pid, names in owners.items():
+        if len(names) < 2:
+            continue
+        uses = {n: handlers.pop(n) for n in names if n in handlers}
+        if len(uses) == 2 and all(
+            isinstance(h, KroneckerHandler) and [id(q) for q in h.params] == [pid]
+            for h in uses.values()
+        ):
+            shared[by_id[pid]] = uses
+            continue
+        for name, handler in uses.items():
+            others = ", ".join(n for n in names if n != name)
+            reasons[name] = (f"{type(handler.module).__name__} sharing a parameter with "
+                             f"{others} (tied weights)")
     covered = {id(p) for h in handlers.values() for p in h.params}
+    covered |= {id(p) for uses in shared.values() for h in uses.values() for p in h.params}
     fallback: dict[str, str] = {}
     excluded: list[str] = []
     for pname, p in model.named_parameters():
@@ -109,7 +122,7 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
         else:
             kind = type(model.get_submodule(owner)).__name__
             fallback[pname] = reasons.get(owner, f"{kind} is not a supported layer type")
-    return LayerMap(handlers, fallback, excluded)
+    return LayerMap(handlers, fallback, excluded, shared)
 
 
 @dataclass

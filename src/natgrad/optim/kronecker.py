@@ -43,6 +43,7 @@ from natgrad.curvature.kfac import (
 )
 from natgrad.curvature.model import FisherKind
 from natgrad.curvature.sampling import LabelSampler
+from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.kfac import FactorSync
 from natgrad.distributed.placement import PLACEMENTS
@@ -60,7 +61,7 @@ __all__ = [
     "kronecker_curvature",
 ]
 
-Block = KroneckerBlock | DenseBlock
+Block = KroneckerBlock | DenseBlock | SharedBlock
 
 
 class Assignment:
@@ -87,9 +88,12 @@ def assign_blocks(
     exclude: Iterable[str | type],
     block_type: type[KroneckerBlock],
     state: Any,
+    shared: bool = True,
 ) -> Assignment:
     """A block per supported layer whose parameters are all in ``params``; the rest of
     ``params`` falls back to the diagonal Fisher, except those of ``exclude``-d modules.
+    A weight of two Kronecker layers (a tied embedding and head) gets one
+    :class:`natgrad.curvature.shared.SharedBlock` (``shared``; else the fallback).
 
     ``state`` is the optimizer's per-parameter state (``state[p]`` holds each block's tensors).
     """
@@ -98,6 +102,15 @@ def assign_blocks(
     named = dict(model.named_parameters())
     reasons = {n: why for n, why in layers.fallback.items() if id(named[n]) in mine}
     blocks: dict[str, Block] = {}
+    for pname, uses in layers.shared.items():
+        if id(named[pname]) not in mine:
+            continue
+        if shared:
+            handler = SharedHandler(named[pname], dict(uses))
+            blocks["+".join(uses)] = SharedBlock(handler, state[named[pname]])
+        else:
+            reasons[pname] = (f"{' and '.join(uses)} share it (tied weights; no shared block "
+                              "under data parallelism yet)")
     for name, handler in layers.handlers.items():
         optimized = [id(p) in mine for p in handler.params]
         if not any(optimized):
@@ -260,7 +273,11 @@ class KroneckerPreconditioner:
 
     def _gather_statistics(self, batch: StepBatch, grads: dict[Tensor, Tensor]) -> bool:
         new: dict[str, FactorSums] = {}
+        shared: dict[str, list[FactorSums]] = {}
         for name, block in self.blocks.items():
+            if isinstance(block, SharedBlock):  # statistics of each use
+                shared[name] = self._use_sums(batch, block.handler)
+                continue
             sums = FactorSums()
             for i, record in enumerate(batch.records):
                 if name in record.calls:
@@ -273,7 +290,7 @@ class KroneckerPreconditioner:
                 new[name] = sums
         if not self._checked_calls and self.warn is not None:
             self._checked_calls = True
-            silent = sorted(set(self.blocks) - set(new))
+            silent = sorted(set(self.blocks) - set(new) - set(shared))
             if silent:  # e.g. a layer whose weight the model uses through F.linear
                 self.warn("uncalled", "these layers were not called in the model's forward, "
                           "their parameters take plain gradient steps until they are: "
@@ -282,15 +299,31 @@ class KroneckerPreconditioner:
             new, diag = self._reduce_statistics(batch, grads, new)
         else:
             diag = self._fallback_diagonal(batch, grads)
-        values = [s.input_sum for s in new.values() if s.input_sum is not None]
-        values += [s.grad_sum for s in new.values()] + list(diag.values())
+        parts = list(new.values()) + [s for uses in shared.values() for s in uses]
+        values = [s.input_sum for s in parts if s.input_sum is not None]
+        values += [s.grad_sum for s in parts if s.grad_sum is not None] + list(diag.values())
         if not all_finite(values):
             return False
         for name, sums in new.items():
             self.blocks[name].update(sums, self.stat_decay)
+        for name, uses in shared.items():
+            self.blocks[name].update(uses, self.stat_decay)
         for p, value in diag.items():
             self._diagonal[p] = ema(self.state[p].get("fisher_diag"), value, self.stat_decay)
         return True
+
+    def _use_sums(self, batch: StepBatch, handler: SharedHandler) -> list[FactorSums]:
+        """The batch's statistics of each use of a shared weight."""
+        out = []
+        for use_name, use in handler.uses.items():
+            sums = FactorSums()
+            for i, record in enumerate(batch.records):
+                if use_name in record.calls:
+                    record_sums(use, record.calls[use_name], record.batch_size, sums,
+                                self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
+                                self.kfac_approx)
+            out.append(sums)
+        return out
 
     def _reduce_statistics(
         self, batch: StepBatch, grads: dict[Tensor, Tensor], new: dict[str, FactorSums]
@@ -427,7 +460,8 @@ def kronecker_curvature(
         assignment = Assignment({}, {named[id(p)]: p for p in params},
                                 {named[id(p)]: "diagonal preconditioner" for p in params}, set())
     else:
-        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state)
+        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state,
+                                   shared=not opt.communicator.active)
         if assignment.fallback:
             opt._warn_once(
                 "fallback",
@@ -447,7 +481,10 @@ def kronecker_curvature(
     if fisher is FisherKind.MC:
         sampler = LabelSampler(opt.loss_spec, opt._generator, mc_samples,
                                preconditioner.fallback)
-    handlers = {name: block.handler for name, block in assignment.blocks.items()}
+    handlers = {}
+    for name, block in assignment.blocks.items():
+        uses = block.handler.uses if isinstance(block, SharedBlock) else {name: block.handler}
+        handlers.update(uses)
     opt._attach(LayerCapture(
         opt.model, handlers, opt.output_fn, on_backward=sampler,
         grad_hooks=fisher is FisherKind.EMPIRICAL,
