@@ -493,3 +493,18 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def train_losses(opt, model: nn.Module, inputs: Tensor, targets: Tensor, steps: int) -> list[float]:
+    """``steps`` steps of the unchanged loop on one batch with the (token-mean) cross-entropy
+    of the model's logits; the losses before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import train_losses
 from natgrad.bench.peers import Combined, hidden_matrices, muon
 
 
@@ -71,12 +72,5 @@ def test_heavyball_peers_train_when_installed(name):
 
     m = model()
     opt = OPTIMIZERS[name].build(m, nn.CrossEntropyLoss(), {"lr": 3e-3})
-    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(m(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(opt, m, torch.randn(32, 4), torch.randint(0, 3, (32,)), 30)
     assert losses[-1] < losses[0]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import natgrad
-from conftest import DTYPE, RTOL_EXACT, rel_err
+from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
 from natgrad.curvature.model import FunctionalModel, reverse_only
 
 VOCAB, WIDTH, HEADS, T, N = 7, 8, 2, 5, 4
@@ -159,12 +159,6 @@ def test_defaults_train_models_with_fused_attention(name, optimizer):
         extra = {} if optimizer == "NaturalGradient" else {"stat_every": 1}
         opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(), lr="auto",
                                           momentum="auto", damping="auto", **extra)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(tokens).reshape(-1, VOCAB), targets.reshape(-1))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(opt, model, tokens, targets, 8)
     assert opt.state["natgrad"]["skipped_steps"] == 0
     assert losses[-1] < 0.8 * losses[0], losses

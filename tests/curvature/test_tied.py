@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import natgrad
-from conftest import DTYPE, RTOL_EXACT, rel_err
+from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
 from natgrad.curvature.kfac import pi_damping
 from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.layers.embedding import EmbeddingHandler
@@ -136,13 +136,7 @@ def test_optimizers_train_the_tied_model_with_one_block(optimizer):
         opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(), stat_every=1)
     assert "embed+head" in opt.blocks and opt.fallback == []
     before = model.embed.weight.detach().clone()
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(tokens).reshape(-1, V), targets.reshape(-1))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(opt, model, tokens, targets, 10)
     assert opt.state["natgrad"]["skipped_steps"] == 0
     assert losses[-1] < 0.7 * losses[0], losses
     assert model.head.weight is model.embed.weight  # still tied, and it moved

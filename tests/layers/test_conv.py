@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import natgrad
-from conftest import DTYPE, RTOL_EXACT, rel_err
+from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
 from natgrad.layers.conv import ConvHandler
 
 CONFIGS = {
@@ -100,11 +100,5 @@ def test_conv_networks_get_kronecker_blocks_and_train(layer_type):
         warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
         opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
     assert len(opt.blocks) == len([m for m in model if isinstance(m, (nn.Linear, layer_type))])
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(opt, model, x, y, 10)
     assert losses[-1] < 0.5 * losses[0], losses

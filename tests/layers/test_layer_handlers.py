@@ -25,6 +25,7 @@ from conftest import (
     mean_nll,
     reference_log_prob,
     rel_err,
+    train_losses,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -355,14 +356,7 @@ def test_a_weight_shared_beyond_two_kronecker_layers_falls_back_with_a_warning()
     messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
     assert len(messages) == 1 and "a (Linear sharing a parameter with b, c (tied weights))" in (
         messages[0])
-    x, y = torch.randn(8, 4, dtype=DTYPE), torch.arange(8) % 4
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(opt, model, torch.randn(8, 4, dtype=DTYPE), torch.arange(8) % 4, 10)
     assert "fisher_diag" in opt.state[model.a.weight]
     assert losses[-1] < losses[0]
 
