@@ -176,7 +176,7 @@ class Scale(nn.Module):
 def fallback_problem():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, OUT),
+        nn.ConvTranspose2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7 * 7, OUT),
         Scale(),
     ).to(DTYPE)
     inputs = torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -190,7 +190,7 @@ def fallback_warnings(records) -> list[str]:
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_grouped_conv_and_custom_parameter_use_fallback_with_one_warning(opt_name):
+def test_unsupported_layer_and_custom_parameter_use_fallback_with_one_warning(opt_name):
     model, inputs, targets = fallback_problem()
     before = [p.detach().clone() for p in model.parameters()]
     with warnings.catch_warnings(record=True) as records:
@@ -205,7 +205,7 @@ def test_grouped_conv_and_custom_parameter_use_fallback_with_one_warning(opt_nam
     messages = fallback_warnings(records)
     assert len(messages) == 1, messages
     assert len([w for w in records if issubclass(w.category, RuntimeWarning)]) == 1
-    assert "0 (Conv2d with groups=2" in messages[0]
+    assert "0 (ConvTranspose2d is not a supported layer type" in messages[0]
     assert "4 (Scale" in messages[0]
     assert "3 (" not in messages[0]  # the Linear layer has its own block
     assert list(opt.blocks) == ["3"]

@@ -42,6 +42,14 @@ __all__ = [
 
 KFAC_APPROX = ("expand", "reduce")  # K-FAC for layers shared over positions
 
+def _outer_sum(rows: Tensor) -> Tensor:
+    """Σₘ rₘrₘᵀ over rows ``[M, d]`` → ``[d, d]``; grouped rows ``[M, g, d]`` → ``[g, d, d]``."""
+    if rows.dim() == 2:
+        return rows.T @ rows
+    grouped = rows.transpose(0, 1)
+    return grouped.mT @ grouped
+
+
 class FactorSums:
     """Running sums of one layer's statistics over samples (and draws, and micro-batches).
 
@@ -78,7 +86,7 @@ class FactorSums:
             return
         rows = handler.input_rows(inputs).to(dtype)
         if reduce:  # ā_n = mean over the sample's positions
-            per_sample = rows.reshape(inputs.shape[0], -1, rows.shape[1])
+            per_sample = rows.reshape(inputs.shape[0], -1, *rows.shape[1:])
             if keep is None:
                 rows = per_sample.mean(1)
             else:
@@ -88,15 +96,15 @@ class FactorSums:
                 rows = rows / counts[counts > 0].unsqueeze(-1)
         elif keep is not None:
             rows = rows[keep]
-        self.input_sum = self._add(self.input_sum, rows.T @ rows)
+        self.input_sum = self._add(self.input_sum, _outer_sum(rows))
         self.rows += rows.shape[0]
 
     def add_grads(self, rows: Tensor, weight: float, samples: int | None = None) -> None:
         """Add Σ w rᵀr for a ``[M, d]`` block of δ rows (or per-sample gradients); with
         ``samples`` the rows of each sample are summed first (K-FAC-reduce)."""
         if samples is not None:
-            rows = rows.reshape(samples, -1, rows.shape[1]).sum(1)
-        self.grad_sum = self._add(self.grad_sum, (rows.T * weight) @ rows)
+            rows = rows.reshape(samples, -1, *rows.shape[1:]).sum(1)
+        self.grad_sum = self._add(self.grad_sum, _outer_sum(rows) * weight)
 
     def input_factor(self) -> Tensor:
         return self.input_sum / self.rows
@@ -146,9 +154,10 @@ def pi_damping(
     input_factor: Tensor, grad_factor: Tensor, damping: float
 ) -> tuple[float, float]:
     """Factored Tikhonov damping (π√λ for A, √λ/π for G) with the trace-norm rule for π."""
-    diag_in = input_factor if input_factor.dim() == 1 else input_factor.diagonal()
+    # (grouped blocks: one π for all groups, from the mean over groups)
+    diag_in = input_factor if input_factor.dim() == 1 else input_factor.diagonal(0, -2, -1)
     mean_in = float(diag_in.mean())
-    mean_grad = float(grad_factor.diagonal().mean())
+    mean_grad = float(grad_factor.diagonal(0, -2, -1).mean())
     pi = math.sqrt(mean_in / mean_grad) if mean_in > 0 and mean_grad > 0 else 1.0
     if not math.isfinite(pi) or pi == 0:
         pi = 1.0
@@ -169,19 +178,19 @@ def damped_inverse(
     dtype = matrix.dtype if dtype is None else dtype
     if matrix.dim() == 1:
         return (1.0 / (matrix.clamp_min(0) + damping)).to(dtype)
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     if method == "cholesky":
         attempts = [(matrix, damping), (matrix.double(), damping)]
         attempts += [(matrix.double(), damping * s) for s in (10.0, 100.0)]
-        for mat, damp in attempts:
+        for mat, damp in attempts:  # (a batch of groups: every one must succeed)
             chol, info = torch.linalg.cholesky_ex(mat + damp * eye.to(mat.dtype))
-            if int(info) == 0:
+            if bool((info == 0).all()):
                 inverse = torch.cholesky_inverse(chol)
                 if bool(torch.isfinite(inverse.sum())):  # a NaN or inf entry spoils the sum
                     return inverse.to(dtype)
     eigvals, eigvecs = torch.linalg.eigh(matrix.double())
     inv = 1.0 / (eigvals.clamp_min(0) + damping)
-    return ((eigvecs * inv) @ eigvecs.T).to(dtype)
+    return ((eigvecs * inv.unsqueeze(-2)) @ eigvecs.mT).to(dtype)
 
 
 def kfac_factors(

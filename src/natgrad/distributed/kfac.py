@@ -46,8 +46,10 @@ def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
     with torch.no_grad():
         matrix = handler.gather({p: p for p in handler.params})
     if isinstance(handler, KroneckerHandler):
-        d_out, d_in = matrix.shape
-        return ((d_in,) if handler.diagonal_input else (d_in, d_in)), (d_out, d_out)
+        *groups, d_out, d_in = matrix.shape  # grouped convolutions: a leading group axis
+        if handler.diagonal_input:
+            return (d_in,), (d_out, d_out)
+        return (*groups, d_in, d_in), (*groups, d_out, d_out)
     return None, (matrix.numel(), matrix.numel())
 
 

@@ -24,7 +24,8 @@ PLACEMENTS = ("balanced", "everywhere")
 
 
 def block_cost(shapes: Sequence[Sequence[int]]) -> float:
-    """Σ dᵢ³ over a block's factors: ``[d, d]`` matrices cost d³, ``[d]`` diagonals d.
+    """Σ dᵢ³ over a block's factors: ``[d, d]`` matrices cost d³, ``[d]`` diagonals d,
+    ``[g, d, d]`` batches (grouped convolutions) g·d³.
 
     Example:
         >>> block_cost([(65, 65), (32, 32)])  # a Linear(64, 32) with bias
@@ -32,8 +33,9 @@ def block_cost(shapes: Sequence[Sequence[int]]) -> float:
     """
     total = 0.0
     for shape in shapes:
-        d = float(shape[0])
-        total += d if len(shape) == 1 else d**3
+        d = float(shape[-1])
+        groups = float(shape[0]) if len(shape) == 3 else 1.0  # a batch of g matrices
+        total += d if len(shape) == 1 else groups * d**3
     return total
 
 

@@ -6,7 +6,12 @@ over samples and locations and G = (1/N) Σ δδᵀ (summed over locations, aver
 so G ⊗ A carries the factor T of the spatially-homogeneous, spatially-uncorrelated
 approximation; with one location (T = 1) it is the exact Kronecker factorisation of a
 per-sample Fisher. The gradient matrix is W reshaped to ``[C_out, C_in·k₁·…]`` (row-major, as
-the weight is stored) with the bias as a last column. Grouped convolutions use the fallback.
+the weight is stored) with the bias as a last column.
+
+A grouped convolution (``groups`` = g, depthwise when g = C_in) is g independent convolutions,
+each from C_in/g input to C_out/g output channels: its block is block-diagonal with one
+Kronecker product per group. Its rows carry the group axis (``[N·T, g, d]``) and its gradient
+matrix is ``[g, C_out/g, C_in/g·k₁·… (+1)]``; the factors are batched over groups.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def _patches(inputs: Tensor, conv: nn.Module) -> Tensor:
 
 
 class ConvHandler(KroneckerHandler):
-    """Conv1d/2d/3d with groups=1; X = [∇W reshaped to ``[C_out, C_in·k₁·…]`` | ∇b]."""
+    """Conv1d/2d/3d; X = [∇W reshaped to ``[C_out, C_in·k₁·…]`` | ∇b], with a leading group
+    axis ``[g, C_out/g, …]`` when ``groups`` = g > 1."""
 
     module: nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -58,30 +64,46 @@ class ConvHandler(KroneckerHandler):
     def has_bias(self) -> bool:
         return self.module.bias is not None and self.module.bias.requires_grad
 
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
     def input_rows(self, inputs: Tensor) -> Tensor:
-        rows = _patches(inputs, self.module)
+        rows = _patches(inputs, self.module)  # [N·T, C_in·k] with channels outermost
+        if self.groups > 1:
+            rows = rows.reshape(rows.shape[0], self.groups, -1)
         if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
 
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
-        # [N, C_out, T₁, …] -> [N·T, C_out]
-        return grad_outputs.movedim(1, -1).reshape(-1, grad_outputs.shape[1])
+        # [N, C_out, T₁, …] -> [N·T, C_out] (grouped: [N·T, g, C_out/g])
+        rows = grad_outputs.movedim(1, -1).reshape(-1, grad_outputs.shape[1])
+        return rows if self.groups == 1 else rows.reshape(rows.shape[0], self.groups, -1)
 
     def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         weight = grads[self.module.weight].reshape(self.module.out_channels, -1)
-        if not self.has_bias:
-            return weight
-        return torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
+        if self.has_bias:
+            weight = torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
+        return weight if self.groups == 1 else weight.reshape(self.groups, -1, weight.shape[1])
 
     def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
         weight = self.module.weight
+        matrix = matrix.reshape(self.module.out_channels, -1)
         if not self.has_bias:
             return {weight: matrix.reshape(weight.shape)}
         return {weight: matrix[:, :-1].reshape(weight.shape), self.module.bias: matrix[:, -1]}
 
+    def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+        if self.groups == 1:
+            return super().per_sample_grads(inputs, grad_outputs)
+        n = inputs.shape[0]
+        rows_in = self.input_rows(inputs)
+        rows_in = rows_in.reshape(n, -1, self.groups, rows_in.shape[-1])
+        rows_out = self.grad_rows(grad_outputs).reshape(n, -1, self.groups,
+                                                        self.module.out_channels // self.groups)
+        return torch.einsum("ntgo,ntgi->ngoi", rows_out, rows_in)
+
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
-        if module.groups != 1:
-            return f"groups={module.groups} (grouped convolutions have no single Kronecker block)"
         return None if module.weight.requires_grad else "its weight is frozen"

@@ -37,9 +37,10 @@ class KFAC(CurvatureOptimizer):
     drawn from the model: on statistics steps the optimizer backpropagates them itself,
     inside the loss's backward, so the training loop is unchanged.
 
-    Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (groups=1; other
-    groups use the fallback), ``nn.Embedding`` (diagonal input factor) and the affine
-    parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block of their own). Other
+    Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (grouped and
+    depthwise too: one Kronecker product per group), ``nn.Embedding`` (diagonal input factor),
+    a weight tied between two of these (one shared block, :mod:`natgrad.curvature.shared`)
+    and the affine parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block). Other
     trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
     diagonal Fisher estimated from the same sampled-label gradients, and a one-time warning
     names their modules. Parameters of ``exclude``-d modules get the plain gradient.

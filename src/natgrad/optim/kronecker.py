@@ -123,6 +123,8 @@ def assign_blocks(
                     reasons[pname] = why
             continue
         kind = block_type if isinstance(handler, KroneckerHandler) else DenseBlock
+        if getattr(handler, "groups", 1) > 1:  # EKFAC's eigenbasis is not batched over groups
+            kind = KroneckerBlock
         blocks[name] = kind(handler, state[handler.params[0]])
     fallback = {n: named[n] for n in reasons}
     excluded = {id(named[n]) for n in layers.excluded}
