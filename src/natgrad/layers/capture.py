@@ -178,6 +178,7 @@ class LayerCapture:
         trace: bool = False,
     ) -> None:
         self.gathering = True  # record layer calls (a statistics step)
+        self.compiled = False  # a watched layer ran inside a torch.compile'd graph
         self.records: list[ForwardRecord] = []
         self._output_fn = output_fn
         self._on_backward = on_backward
@@ -199,6 +200,9 @@ class LayerCapture:
 
     def _layer_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if torch.compiler.is_compiling():  # traced by torch.compile: see `compiled`
+                self.compiled = True
+                return
             if not (self.gathering and not self._paused and torch.is_grad_enabled()):
                 return
             if not isinstance(output, Tensor) or not args:
@@ -212,6 +216,9 @@ class LayerCapture:
         return hook
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.compiler.is_compiling():
+            self.compiled = True
+            return
         calls, self._current = self._current, {}
         trace = None
         if self._trace is not None:
