@@ -361,22 +361,6 @@ def test_a_weight_shared_beyond_two_kronecker_layers_falls_back_with_a_warning()
     assert losses[-1] < losses[0]
 
 
-def test_multihead_attention_submodules_are_not_blocks_of_their_own():
-    """MultiheadAttention applies out_proj's weight with F.linear: a block for out_proj would
-    never see a call, so the whole module takes the fallback, with the reason given."""
-    from natgrad.layers.capture import find_layers
-
-    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
-    layers = find_layers(layer)
-    assert "self_attn.out_proj" not in layers.handlers
-    assert layers.fallback["self_attn.out_proj.weight"] == (
-        "NonDynamicallyQuantizableLinear used functionally by its parent"
-    )
-    assert layers.fallback["self_attn.in_proj_weight"] == (
-        "MultiheadAttention is not a supported layer type"
-    )
-
-
 def test_a_layer_that_is_never_called_is_named_in_a_warning():
     class Functional(nn.Module):
         def __init__(self) -> None:

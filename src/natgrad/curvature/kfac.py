@@ -249,7 +249,8 @@ def kfac_factors(
     handlers = {name: h for name, h in layers.handlers.items() if isinstance(h, KroneckerHandler)}
     for uses in layers.shared.values():  # each use of a tied weight: its own factors
         handlers.update(uses)
-    handlers = {name: handlers[name] for name, _ in model.named_modules() if name in handlers}
+    order = {id(m): i for i, m in enumerate(model.modules())}  # the model's module order
+    handlers = dict(sorted(handlers.items(), key=lambda item: order[id(item[1].module)]))
     with LayerCapture(model, handlers) as capture:
         output = model(*as_tuple(inputs))
         record = capture.records[-1] if capture.records else None

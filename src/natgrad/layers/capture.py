@@ -18,6 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad.layers.attention import (
+    AttentionOutputHandler,
+    InProjectionHandler,
+    attention_forward,
+)
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.conv import CONV_TYPES, ConvHandler
 from natgrad.layers.embedding import EmbeddingHandler
@@ -78,6 +83,15 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
             continue
         if isinstance(module, OPAQUE_TYPES):
             opaque.append(name)
+        if isinstance(module, nn.MultiheadAttention):
+            reason = InProjectionHandler.unsupported_reason(module)
+            if reason is not None:
+                reasons[name] = f"MultiheadAttention with {reason}"
+                continue
+            handlers[f"{name}.in_proj"] = InProjectionHandler(module)
+            if module.out_proj.weight.requires_grad:
+                handlers[f"{name}.out_proj"] = AttentionOutputHandler(module.out_proj, module)
+            continue
         for types, handler_type in HANDLERS:
             if isinstance(module, types):
                 reason = handler_type.unsupported_reason(module)
@@ -188,8 +202,20 @@ class LayerCapture:
         self._paused = False
         self._trace: list[Tensor] | None = [] if trace else None
         self._handles = [model.register_forward_hook(self._model_hook)]
+        attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
         for name, handler in handlers.items():
+            if isinstance(handler, (InProjectionHandler, AttentionOutputHandler)):
+                role = "in" if isinstance(handler, InProjectionHandler) else "out"
+                attention.setdefault(id(handler.attention), (handler.attention, {}))[1][role] = name
+                continue
             self._handles.append(handler.module.register_forward_hook(self._layer_hook(name)))
+        self._patched: list[nn.Module] = []
+        for mha, names in attention.values():  # reports its projections (layers/attention.py)
+            original = type(mha).forward.__get__(mha)
+            mha.forward = attention_forward(  # type: ignore[method-assign]
+                mha, original, self._record_call, names.get("in", ""), names.get("out", "")
+            )
+            self._patched.append(mha)
         if trace:
             for child in model.children():
                 self._handles.append(child.register_forward_hook(self._trace_hook))
@@ -200,20 +226,25 @@ class LayerCapture:
 
     def _layer_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if torch.compiler.is_compiling():  # traced by torch.compile: see `compiled`
-                self.compiled = True
-                return
-            if not (self.gathering and not self._paused and torch.is_grad_enabled()):
-                return
-            if not isinstance(output, Tensor) or not args:
-                return
-            call = Call(args[0].detach(), output)
-            if self._grad_hooks and output.requires_grad:
-                grads = call.grads  # the hook must not reach `output` itself (see _model_hook)
-                output.register_hook(lambda grad: grads.append(grad.detach()))
-            self._current.setdefault(name, []).append(call)
+            if args:
+                self._record_call(name, args[0], output)
 
         return hook
+
+    def _record_call(self, name: str, inputs: Tensor, output: Tensor) -> None:
+        """One call of the layer ``name``: its input and its output (with its graph)."""
+        if torch.compiler.is_compiling():  # traced by torch.compile: see `compiled`
+            self.compiled = True
+            return
+        if not (self.gathering and not self._paused and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor) or not isinstance(inputs, Tensor) or not name:
+            return
+        call = Call(inputs.detach(), output)
+        if self._grad_hooks and output.requires_grad:
+            grads = call.grads  # the hook must not reach `output` itself (see _model_hook)
+            output.register_hook(lambda grad: grads.append(grad.detach()))
+        self._current.setdefault(name, []).append(call)
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -282,6 +313,9 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for mha in self._patched:
+            mha.__dict__.pop("forward", None)
+        self._patched.clear()
         self.records.clear()
 
     def __enter__(self) -> LayerCapture:

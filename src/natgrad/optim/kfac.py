@@ -39,6 +39,7 @@ class KFAC(CurvatureOptimizer):
 
     Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (grouped and
     depthwise too: one Kronecker product per group), ``nn.Embedding`` (diagonal input factor),
+    ``nn.MultiheadAttention`` (its packed in-projection and out_proj, self-attention calls),
     a weight tied between two of these (one shared block, :mod:`natgrad.curvature.shared`)
     and the affine parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block). Other
     trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
