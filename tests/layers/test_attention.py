@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -56,6 +57,16 @@ def test_natgrads_forward_equals_pytorchs(batch_first, mask):
     with LayerCapture(model, find_layers(model).handlers) as capture:
         got = model(x, attn_mask, causal)
         calls = {name: len(c) for name, c in capture.records[-1].calls.items()}
+        twin = copy.deepcopy(model)  # a copy computes with its own weights, reports nothing
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        before = len(capture.records)
+        assert rel_err(twin(x, attn_mask, causal), expected) > 1e-3
+        twin_expected = twin.mha.__class__.forward(twin.mha, x, x, x, need_weights=False,
+                                                   attn_mask=attn_mask, is_causal=causal)[0]
+        assert rel_err(twin(x, attn_mask, causal), twin_expected) <= RTOL_EXACT
+        assert len(capture.records) == before and not capture._current
     assert rel_err(got, expected) <= RTOL_EXACT
     assert calls == {"mha.in_proj": 1, "mha.out_proj": 1}
     assert "forward" not in model.mha.__dict__  # PyTorch's forward is back

@@ -16,6 +16,8 @@ other call runs PyTorch's own forward; its layers then see no call, and natgrad 
 
 from __future__ import annotations
 
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -86,22 +88,28 @@ def _supported(
 
 
 def attention_forward(
-    mha: nn.MultiheadAttention, original: Callable[..., Any], record: Record,
-    in_name: str, out_name: str,
+    mha: nn.MultiheadAttention, record: Record, in_name: str, out_name: str
 ) -> Callable[..., Any]:
     """MultiheadAttention's forward with its projections reported to ``record`` (see module
-    doc); ``original`` (PyTorch's forward) runs every call it does not support."""
+    doc), bound to ``mha``; PyTorch's forward runs every call it does not support, and every
+    call of a copy of ``mha`` (``copy.deepcopy`` copies the bound method with the module)."""
+    target = weakref.ref(mha)
 
     def forward(
-        query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-        need_weights: bool = True, attn_mask: Tensor | None = None,
-        average_attn_weights: bool = True, is_causal: bool = False,
+        self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+        key_padding_mask: Tensor | None = None, need_weights: bool = True,
+        attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+        is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if not _supported(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
-                          is_causal):
-            return original(query, key, value, key_padding_mask=key_padding_mask,
-                            need_weights=need_weights, attn_mask=attn_mask,
-                            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        mha = self
+        if self is not target() or not _supported(
+            mha, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
+        ):
+            return type(self).forward(
+                self, query, key, value, key_padding_mask=key_padding_mask,
+                need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )
         x = query if mha.batch_first else query.transpose(0, 1)  # [B, L, E]
         batch, length, width = x.shape
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
@@ -121,4 +129,4 @@ def attention_forward(
         record(out_name, joined, out)
         return (out if mha.batch_first else out.transpose(0, 1)), None
 
-    return forward
+    return types.MethodType(forward, mha)

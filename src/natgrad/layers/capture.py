@@ -201,24 +201,28 @@ class LayerCapture:
         self._in_backward = False
         self._paused = False
         self._trace: list[Tensor] | None = [] if trace else None
-        self._handles = [model.register_forward_hook(self._model_hook)]
+        # hooks are plain functions that act only for the modules they were registered on:
+        # copy.deepcopy(model) copies them by reference (not this capture and its pending
+        # forwards), and a copy's forwards are not reported to this capture
+        self._handles = [model.register_forward_hook(_for(model, self._model_hook))]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
         for name, handler in handlers.items():
             if isinstance(handler, (InProjectionHandler, AttentionOutputHandler)):
                 role = "in" if isinstance(handler, InProjectionHandler) else "out"
                 attention.setdefault(id(handler.attention), (handler.attention, {}))[1][role] = name
                 continue
-            self._handles.append(handler.module.register_forward_hook(self._layer_hook(name)))
+            self._handles.append(
+                handler.module.register_forward_hook(_for(handler.module, self._layer_hook(name)))
+            )
         self._patched: list[nn.Module] = []
         for mha, names in attention.values():  # reports its projections (layers/attention.py)
-            original = type(mha).forward.__get__(mha)
             mha.forward = attention_forward(  # type: ignore[method-assign]
-                mha, original, self._record_call, names.get("in", ""), names.get("out", "")
+                mha, self._record_call, names.get("in", ""), names.get("out", "")
             )
             self._patched.append(mha)
         if trace:
             for child in model.children():
-                self._handles.append(child.register_forward_hook(self._trace_hook))
+                self._handles.append(child.register_forward_hook(_for(child, self._trace_hook)))
 
     def _trace_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         if not self._paused and torch.is_grad_enabled():
@@ -323,6 +327,28 @@ class LayerCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored)."""
+    target = weakref.ref(module)
+
+    def forward_hook(called: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if called is target():
+            hook(called, args, output)
+
+    return forward_hook
+
+
+def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored)."""
+    target = weakref.ref(module)
+
+    def forward_hook(called: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if called is target():
+            hook(called, args, output)
+
+    return forward_hook
 
 
 def _reached(
