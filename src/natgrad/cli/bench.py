@@ -33,9 +33,8 @@ learning rate) reaches at the end of its step budget in the same run; {REFERENCE
 therefore always run. Time to target counts only the optimizer steps (forward, backward,
 step), not the periodic evaluations. Every optimizer of a problem starts from the same
 weights and sees the same minibatches; a fixed --seed reproduces the losses on one machine
-(timings vary). The default run takes about six and a half minutes on two CPU cores, without
-the optional peers (--quick: under
-one minute).
+(timings vary). The default run takes about six and a half minutes on two CPU cores without
+the optional peers (--quick: about one minute).
 """
 
 
@@ -84,7 +83,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="seeds the train/test split, initial weights and minibatch order "
                         "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tenth of each step budget: the whole run in under a minute")
+                        help="a tenth of each step budget: the whole run in about a minute")
     parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
                         help="torch.set_num_threads for every run (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
