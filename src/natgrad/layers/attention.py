@@ -40,25 +40,12 @@ class InProjectionHandler(LinearHandler):
         self.attention = module
 
     @property
-    def params(self) -> list[Tensor]:
-        return [p for p in (self.module.in_proj_weight, self.module.in_proj_bias)
-                if p is not None and p.requires_grad]
+    def weight(self) -> Tensor:
+        return self.module.in_proj_weight
 
     @property
-    def has_bias(self) -> bool:
-        bias = self.module.in_proj_bias
-        return bias is not None and bias.requires_grad
-
-    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
-        weight = grads[self.module.in_proj_weight]
-        if not self.has_bias:
-            return weight
-        return torch.cat([weight, grads[self.module.in_proj_bias].unsqueeze(1)], dim=1)
-
-    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
-        if not self.has_bias:
-            return {self.module.in_proj_weight: matrix}
-        return {self.module.in_proj_weight: matrix[:, :-1], self.module.in_proj_bias: matrix[:, -1]}
+    def bias(self) -> Tensor | None:
+        return self.module.in_proj_bias
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:

@@ -340,17 +340,6 @@ def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
     return forward_hook
 
 
-def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored)."""
-    target = weakref.ref(module)
-
-    def forward_hook(called: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if called is target():
-            hook(called, args, output)
-
-    return forward_hook
-
-
 def _reached(
     capture_ref: weakref.ref[LayerCapture], record_ref: weakref.ref[ForwardRecord], grad: Tensor
 ) -> None:

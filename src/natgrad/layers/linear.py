@@ -16,8 +16,20 @@ class LinearHandler(KroneckerHandler):
     module: nn.Linear
 
     @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
+
+    @property
     def has_bias(self) -> bool:
-        return self.module.bias is not None and self.module.bias.requires_grad
+        return self.bias is not None and self.bias.requires_grad
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         rows = inputs.reshape(-1, inputs.shape[-1])
@@ -32,15 +44,15 @@ class LinearHandler(KroneckerHandler):
         return grad_outputs.reshape(-1, grad_outputs.shape[-1])
 
     def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
-        weight = grads[self.module.weight]
+        weight = grads[self.weight]
         if not self.has_bias:
             return weight
-        return torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
+        return torch.cat([weight, grads[self.bias].unsqueeze(1)], dim=1)
 
     def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
         if not self.has_bias:
-            return {self.module.weight: matrix}
-        return {self.module.weight: matrix[:, :-1], self.module.bias: matrix[:, -1]}
+            return {self.weight: matrix}
+        return {self.weight: matrix[:, :-1], self.bias: matrix[:, -1]}
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
