@@ -52,6 +52,18 @@ def build_model() -> nn.Module:
     return model.to(DTYPE)
 
 
+def build_tied_model() -> nn.Module:
+    """build_model with a weight two Linear layers share (one shared block), float64."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+    second.weight = first.weight
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), first, nn.Tanh(), second, nn.Tanh(), nn.LayerNorm(8),
+        nn.Linear(8, 4), Scale(4),
+    )
+    return model.to(DTYPE)
+
+
 def global_batches(steps: int) -> tuple[Tensor, Tensor]:
     """Inputs ``[steps, N, 6]`` and class labels ``[steps, N]`` (4 classes)."""
     gen = torch.Generator().manual_seed(1)
@@ -72,6 +84,7 @@ class Scenario:
     optimizer: str
     settings: dict[str, Any] = field(default_factory=dict)
     exact: bool = True
+    tied: bool = False  # the model with a shared weight
 
 
 SCENARIOS = {
@@ -83,6 +96,7 @@ SCENARIOS = {
     "kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}),
     "ekfac-empirical-auto": Scenario("EKFAC", {**EMPIRICAL, **AUTO}),
     "ngdcg-empirical-auto": Scenario("NGDCG", {**EMPIRICAL}),
+    "kfac-tied-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, tied=True),
     "kfac-true-auto": Scenario("KFAC", {"stat_every": 1, "inv_every": 2, "mc_samples": 2},
                                exact=False),
     "ekfac-true-fixed-everywhere": Scenario(
@@ -122,7 +136,7 @@ def run_scenario(
     """
     device = device or torch.device("cpu")
     scenario = SCENARIOS[name]
-    model = build_model().to(device)
+    model = (build_tied_model() if scenario.tied else build_model()).to(device)
     start = 0
     if resume is not None:
         checkpoint = torch.load(resume, weights_only=False, map_location=device)

@@ -26,13 +26,14 @@ from torch import Tensor
 
 from natgrad.curvature.ekfac import EigenBlock
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock
+from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.distributed.comm import Communicator
 from natgrad.distributed.placement import PLACEMENTS, balanced_placement, block_cost
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 
 __all__ = ["FactorSync", "refresh_layout", "statistic_shapes"]
 
-Block = KroneckerBlock | DenseBlock
+Block = KroneckerBlock | DenseBlock | SharedBlock
 Shape = tuple[int, ...]
 
 
@@ -43,6 +44,9 @@ def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
     for a diagonal input factor) and ``(d_out, d_out)``; a dense block of P parameters has
     no input factor and a ``(P, P)`` sum.
     """
+    if isinstance(handler, SharedHandler):  # in the weight's orientation, [V, D]: L and R
+        v, d = handler.param.shape
+        return (d, d), (v, v)
     with torch.no_grad():
         matrix = handler.gather({p: p for p in handler.params})
     if isinstance(handler, KroneckerHandler):
@@ -61,6 +65,9 @@ def refresh_layout(block: Block) -> dict[str, Shape | None]:
     """
     if isinstance(block, DenseBlock):
         return {"block_inv": tuple(block.state["fisher_block"].shape)}
+    if isinstance(block, SharedBlock):
+        v, d = block.handler.param.shape
+        return {"shared_left": (v, v), "shared_right": (d, d), "shared_scale": (v, d)}
     A, G = block.state["input_cov"], block.state["grad_cov"]
     if isinstance(block, EigenBlock):
         return {

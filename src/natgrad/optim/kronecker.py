@@ -88,12 +88,11 @@ def assign_blocks(
     exclude: Iterable[str | type],
     block_type: type[KroneckerBlock],
     state: Any,
-    shared: bool = True,
 ) -> Assignment:
     """A block per supported layer whose parameters are all in ``params``; the rest of
     ``params`` falls back to the diagonal Fisher, except those of ``exclude``-d modules.
     A weight of two Kronecker layers (a tied embedding and head) gets one
-    :class:`natgrad.curvature.shared.SharedBlock` (``shared``; else the fallback).
+    :class:`natgrad.curvature.shared.SharedBlock`.
 
     ``state`` is the optimizer's per-parameter state (``state[p]`` holds each block's tensors).
     """
@@ -103,14 +102,9 @@ def assign_blocks(
     reasons = {n: why for n, why in layers.fallback.items() if id(named[n]) in mine}
     blocks: dict[str, Block] = {}
     for pname, uses in layers.shared.items():
-        if id(named[pname]) not in mine:
-            continue
-        if shared:
+        if id(named[pname]) in mine:
             handler = SharedHandler(named[pname], dict(uses))
             blocks["+".join(uses)] = SharedBlock(handler, state[named[pname]])
-        else:
-            reasons[pname] = (f"{' and '.join(uses)} share it (tied weights; no shared block "
-                              "under data parallelism yet)")
     for name, handler in layers.handlers.items():
         optimized = [id(p) in mine for p in handler.params]
         if not any(optimized):
@@ -129,6 +123,13 @@ def assign_blocks(
     fallback = {n: named[n] for n in reasons}
     excluded = {id(named[n]) for n in layers.excluded}
     return Assignment(blocks, fallback, reasons, excluded)
+
+
+class _Use:
+    """One use of a shared weight, as the data-parallel exchange sees a block."""
+
+    def __init__(self, handler: KroneckerHandler) -> None:
+        self.handler = handler
 
 
 class KroneckerPreconditioner:
@@ -298,7 +299,7 @@ class KroneckerPreconditioner:
                           "their parameters take plain gradient steps until they are: "
                           + ", ".join(silent))
         if self.sync.active:
-            new, diag = self._reduce_statistics(batch, grads, new)
+            new, shared, diag = self._reduce_statistics(batch, grads, new, shared)
         else:
             diag = self._fallback_diagonal(batch, grads)
         parts = list(new.values()) + [s for uses in shared.values() for s in uses]
@@ -328,21 +329,35 @@ class KroneckerPreconditioner:
         return out
 
     def _reduce_statistics(
-        self, batch: StepBatch, grads: dict[Tensor, Tensor], new: dict[str, FactorSums]
-    ) -> tuple[dict[str, FactorSums], dict[Tensor, Tensor]]:
+        self, batch: StepBatch, grads: dict[Tensor, Tensor], new: dict[str, FactorSums],
+        shared: dict[str, list[FactorSums]],
+    ) -> tuple[dict[str, FactorSums], dict[str, list[FactorSums]], dict[Tensor, Tensor]]:
         """The statistics of every rank's batch together (one bucketed all-reduce) and the
-        fallback diagonal normalised by the total number of samples N."""
+        fallback diagonal normalised by the total number of samples N. Each use of a shared
+        weight travels as a block of its own (``name#i``)."""
         empirical = self.kind is FisherKind.EMPIRICAL
         # sampled-label diagonal: reduce the sums Σ g² (normaliser 1), divide by N after;
         # the empirical one comes from the already all-reduced gradient and N alone
         local = {} if empirical else self._fallback_diagonal(batch, grads, samples=1)
         params = [] if empirical else [p for p in self.fallback if p in grads]
+        blocks: dict[str, Any] = {}
+        for name, block in self.blocks.items():
+            if not isinstance(block, SharedBlock):
+                blocks[name] = block
+                continue
+            for i, use in enumerate(block.handler.uses.values()):
+                blocks[f"{name}#{i}"] = _Use(use)
+                new[f"{name}#{i}"] = shared[name][i]
         new, diag, total = self.sync.reduce_statistics(
-            self.blocks, new, local, params, batch.rows, self.factor_dtype
+            blocks, new, local, params, batch.rows, self.factor_dtype
         )
+        for name, block in self.blocks.items():
+            if isinstance(block, SharedBlock):
+                shared[name] = [new.pop(f"{name}#{i}", FactorSums())
+                                for i in range(len(block.handler.uses))]
         if empirical:
-            return new, self._fallback_diagonal(batch, grads, samples=total)
-        return new, {p: value / total for p, value in diag.items()}
+            return new, shared, self._fallback_diagonal(batch, grads, samples=total)
+        return new, shared, {p: value / total for p, value in diag.items()}
 
     def _fallback_diagonal(
         self, batch: StepBatch, grads: dict[Tensor, Tensor], samples: int | None = None
@@ -462,8 +477,7 @@ def kronecker_curvature(
         assignment = Assignment({}, {named[id(p)]: p for p in params},
                                 {named[id(p)]: "diagonal preconditioner" for p in params}, set())
     else:
-        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state,
-                                   shared=not opt.communicator.active)
+        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state)
         if assignment.fallback:
             opt._warn_once(
                 "fallback",
