@@ -69,17 +69,23 @@ class StepBatch:
         ])
 
     def outputs(self) -> Tensor:
-        """The model's outputs of all forwards (detached), ``[N, ...]``."""
-        return torch.cat([r.output for r in self.records])
+        """The model's outputs of all forwards (detached), ``[N, ...]``, in at least float32
+        (a forward under autocast records half-precision outputs)."""
+        return torch.cat([_wide(r.output) for r in self.records])
 
     def targets(self) -> Tensor:
         """The (soft) targets recovered from the loss's gradient, ``[N, ...]``: per forward
         y = mean(f) − (∂L/∂f) / sₘ, exact for every supported loss (label smoothing
         included); ignored positions get mean(f) and are masked wherever used."""
         likelihood = self.spec.likelihood
-        return torch.cat([likelihood.mean(r.output) - r.output_grad / s
+        return torch.cat([likelihood.mean(_wide(r.output)) - _wide(r.output_grad) / s
                           for r, s in zip(self.records, self.scales, strict=True)])
 
     def loss_rows(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Σ over each row's valid positions of −log p(y | f), ``[N]`` (canonical units)."""
-        return self.spec.likelihood.cross_entropy(outputs, targets, self.valid_rows())
+        return self.spec.likelihood.cross_entropy(_wide(outputs), targets, self.valid_rows())
+
+
+def _wide(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is in a half-precision type (bf16/fp16 autocast)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

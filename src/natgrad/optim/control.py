@@ -217,12 +217,16 @@ def _jvps(
     traced = fmodel.output_fn is None and all(r.trace for r in records) and len(inputs) == 1
     if not traced:
         return fmodel.jvp(inputs, tangents)
-    outputs = [parts[0][::stride] if len(parts) == 1 else torch.cat(parts)[::stride]
+    # under autocast the traced activations are in half precision: the quadratic model
+    # propagates its tangents in the parameters' precision
+    dtype = fmodel.params[0].dtype
+    outputs = [(parts[0] if len(parts) == 1 else torch.cat(parts))[::stride].to(dtype)
                for parts in zip(*(r.trace for r in records), strict=True)]
     directions = [
         {id(p): t for p, t in zip(fmodel.params, tangent, strict=True)} for tangent in tangents
     ]
-    return outputs[-1], sequential_jvp(fmodel.model, inputs[0], outputs, directions)
+    first = inputs[0].to(dtype) if inputs[0].is_floating_point() else inputs[0]
+    return outputs[-1], sequential_jvp(fmodel.model, first, outputs, directions)
 
 
 class QuadraticControl:
@@ -263,6 +267,8 @@ class QuadraticControl:
         tangents = [descent] + ([previous] if use_momentum else [])
         stride = row_stride(self.settings.rows, records, fmodel.model)
         outputs, products = _jvps(fmodel, records, batch.inputs(), tangents, stride)
+        dtype = torch.promote_types(outputs.dtype, fmodel.params[0].dtype)
+        outputs, products = outputs.to(dtype), [p.to(dtype) for p in products]
         n = outputs.shape[0]
         valid = batch.valid_rows()
         if valid is not None:  # ignored positions: no Fisher term
