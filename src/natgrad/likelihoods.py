@@ -153,13 +153,17 @@ class Likelihood:
             values = values * valid.reshape(values.shape).to(values.dtype)
         return values.reshape(outputs.shape[0], -1).sum(1)
 
-    def targets_from_grad(self, outputs: Tensor, output_grad: Tensor) -> Tensor:
-        """Recover the (soft) targets from ∂L/∂f of the batch-mean negative log-likelihood L.
+    def targets_from_grad(
+        self, outputs: Tensor, output_grad: Tensor, scale: float | None = None
+    ) -> Tensor:
+        """Recover the (soft) targets from ∂L/∂f of a loss L = s · Σ −log p(y|f).
 
-        For all three likelihoods ∂(−log p(y|f))/∂f = mean(f) − y, so with L the mean over N
-        samples, y = mean(f) − N·∂L/∂f (exactly, label smoothing included).
+        For all three likelihoods ∂(−log p(y|f))/∂f = mean(f) − y, so y = mean(f) − ∂L/∂f / s
+        (exactly, label smoothing included); ``scale`` s defaults to 1/N, the batch mean
+        over the N samples.
         """
-        return self.mean(outputs) - outputs.shape[0] * output_grad
+        scale = 1.0 / outputs.shape[0] if scale is None else scale
+        return self.mean(outputs) - output_grad / scale
 
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Validate ``targets`` against ``outputs``; returns them in the dtype used internally."""

@@ -78,7 +78,7 @@ class StepBatch:
         y = mean(f) − (∂L/∂f) / sₘ, exact for every supported loss (label smoothing
         included); ignored positions get mean(f) and are masked wherever used."""
         likelihood = self.spec.likelihood
-        return torch.cat([likelihood.mean(_wide(r.output)) - _wide(r.output_grad) / s
+        return torch.cat([likelihood.targets_from_grad(_wide(r.output), _wide(r.output_grad), s)
                           for r, s in zip(self.records, self.scales, strict=True)])
 
     def loss_rows(self, outputs: Tensor, targets: Tensor) -> Tensor:

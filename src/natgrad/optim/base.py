@@ -188,7 +188,8 @@ class CurvatureOptimizer(Optimizer):
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group that holds ``p`` (looked up in a map rebuilt when groups change)."""
-        key = tuple(id(g["params"]) for g in self.param_groups)
+        # the groups are new dicts after load_state_dict or add_param_group
+        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in self.param_groups)
         if getattr(self, "_groups_key", None) != key:
             self._groups = {id(q): g for g in self.param_groups for q in g["params"]}
             self._groups_key = key
@@ -333,14 +334,13 @@ class CurvatureOptimizer(Optimizer):
         self, batch: StepBatch, params: list[Tensor], grads: dict[Tensor, Tensor],
         directions: dict[Tensor, Tensor],
     ) -> StepProblem:
-        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         first = self.param_groups[0]
         # momentum, weight decay and damping of the quadratic model are optimizer-wide (the
         # first group's)
         decoupled = first.get("decoupled_weight_decay", False)
         shrink = []
         for p in params:
-            group = groups[id(p)]
+            group = self._group_of(p)
             wd = group.get("weight_decay", 0.0)
             shrink.append(1 - group["lr"] * wd if wd and group.get("decoupled_weight_decay")
                           else 1.0)
@@ -353,8 +353,8 @@ class CurvatureOptimizer(Optimizer):
             grads=[grads[p] for p in params],
             directions=[directions[p] for p in params],
             previous=[self.state[p].get("previous_update") for p in params],
-            lrs=[groups[id(p)]["lr"] for p in params],
-            momenta=[groups[id(p)].get("momentum", 0.0) for p in params],
+            lrs=[self._group_of(p)["lr"] for p in params],
+            momenta=[self._group_of(p).get("momentum", 0.0) for p in params],
             previous_lrs=[self.state[p].get("previous_lr") for p in params],
             shrink=shrink,
             damping=self.damping_of(first),
@@ -367,10 +367,9 @@ class CurvatureOptimizer(Optimizer):
 
     def _apply(self, params: list[Tensor], decision: Decision) -> None:
         """θ ← s·θ + δ (s: decoupled weight decay); δ is the next step's δ₀."""
-        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         decayed = []
         for p in params:
-            group = groups[id(p)]
+            group = self._group_of(p)
             wd = group.get("weight_decay", 0.0)
             if wd and group.get("decoupled_weight_decay", False):
                 decayed.append((p, 1 - group["lr"] * wd))
@@ -378,7 +377,7 @@ class CurvatureOptimizer(Optimizer):
             p.mul_(s)
         torch._foreach_add_(params, decision.update)
         for p, delta in zip(params, decision.update, strict=True):
-            group = groups[id(p)]
+            group = self._group_of(p)
             if self.auto.momentum or group.get("momentum", 0.0):
                 self.state[p]["previous_update"] = delta
                 if not self.auto.enabled:
