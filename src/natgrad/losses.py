@@ -165,7 +165,10 @@ class LossSpec:
 
     def fisher_scale(self, outputs: Tensor, valid: Tensor | None) -> float:
         """c = N·s: the loss is c·J, so the curvature of the loss is c times the canonical
-        (batch-mean) Fisher."""
+        (batch-mean) Fisher. Exactly ``factor`` for the batch mean (N·(1/N) rounds for some
+        N, e.g. 49)."""
+        if self.reduction == "batch":
+            return self.factor
         return outputs.shape[0] * self.sum_scale(outputs, valid)
 
     # --- targets --------------------------------------------------------------------------

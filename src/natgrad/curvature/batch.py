@@ -40,7 +40,12 @@ class StepBatch:
         self.scales = [
             spec.sum_scale(r.output, v) / k for r, v in zip(records, self.valid, strict=True)
         ]
+        # Σₘ Nₘsₘ, summed from the exact per-forward Nₘsₘ (1 for one batch-mean forward)
+        self._grad_scale = sum(spec.fisher_scale(r.output, v)
+                               for r, v in zip(records, self.valid, strict=True)) / k if k else 1.0
         self.rows = sum(r.batch_size for r in records)
+        self._inputs: tuple[Tensor, ...] | None = None
+        self._valid_rows: Tensor | None = None
 
     def __bool__(self) -> bool:
         return bool(self.records)
@@ -50,23 +55,23 @@ class StepBatch:
         """Σₘ Nₘ sₘ: the accumulated gradient divided by it is ∇J (exact when every forward
         has the same sₘ, e.g. equal micro-batches; a row-weighted mean of the sₘ otherwise).
         1 when there is no forward (the gradient is then taken as it is)."""
-        if not self.records:
-            return 1.0
-        return sum(r.batch_size * s for r, s in zip(self.records, self.scales, strict=True))
+        return self._grad_scale
 
     def inputs(self) -> tuple[Tensor, ...]:
-        """The model's inputs of all forwards, concatenated along the batch."""
-        return batch_inputs(self.records)
+        """The model's inputs of all forwards, concatenated along the batch (once a step)."""
+        if self._inputs is None:
+            self._inputs = batch_inputs(self.records)
+        return self._inputs
 
     def valid_rows(self) -> Tensor | None:
         """The positions that count for all forwards together, ``[N, ...]``, or None."""
-        if all(v is None for v in self.valid):
-            return None
-        return torch.cat([
-            torch.ones(r.output.shape[:-1], dtype=torch.bool, device=r.output.device)
-            if v is None else v
-            for r, v in zip(self.records, self.valid, strict=True)
-        ])
+        if self._valid_rows is None and any(v is not None for v in self.valid):
+            self._valid_rows = torch.cat([
+                torch.ones(r.output.shape[:-1], dtype=torch.bool, device=r.output.device)
+                if v is None else v
+                for r, v in zip(self.records, self.valid, strict=True)
+            ])
+        return self._valid_rows
 
     def outputs(self) -> Tensor:
         """The model's outputs of all forwards (detached), ``[N, ...]``, in at least float32

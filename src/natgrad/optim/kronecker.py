@@ -47,7 +47,7 @@ from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.kfac import FactorSync
 from natgrad.distributed.placement import PLACEMENTS
-from natgrad.layers.base import KroneckerHandler
+from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.capture import LayerCapture, find_layers
 
 if TYPE_CHECKING:
@@ -279,16 +279,10 @@ class KroneckerPreconditioner:
         shared: dict[str, list[FactorSums]] = {}
         for name, block in self.blocks.items():
             if isinstance(block, SharedBlock):  # statistics of each use
-                shared[name] = self._use_sums(batch, block.handler)
+                shared[name] = [self._layer_sums(batch, use_name, use)
+                                for use_name, use in block.handler.uses.items()]
                 continue
-            sums = FactorSums()
-            for i, record in enumerate(batch.records):
-                if name in record.calls:
-                    record_sums(
-                        block.handler, record.calls[name], record.batch_size, sums,
-                        self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
-                        self.kfac_approx,
-                    )
+            sums = self._layer_sums(batch, name, block.handler)
             if sums.samples:
                 new[name] = sums
         if not self._checked_calls and self.warn is not None:
@@ -315,18 +309,15 @@ class KroneckerPreconditioner:
             self._diagonal[p] = ema(self.state[p].get("fisher_diag"), value, self.stat_decay)
         return True
 
-    def _use_sums(self, batch: StepBatch, handler: SharedHandler) -> list[FactorSums]:
-        """The batch's statistics of each use of a shared weight."""
-        out = []
-        for use_name, use in handler.uses.items():
-            sums = FactorSums()
-            for i, record in enumerate(batch.records):
-                if use_name in record.calls:
-                    record_sums(use, record.calls[use_name], record.batch_size, sums,
-                                self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
-                                self.kfac_approx)
-            out.append(sums)
-        return out
+    def _layer_sums(self, batch: StepBatch, name: str, handler: LayerHandler) -> FactorSums:
+        """The batch's statistics of the layer ``name`` (all forwards, all calls)."""
+        sums = FactorSums()
+        for i, record in enumerate(batch.records):
+            if name in record.calls:
+                record_sums(handler, record.calls[name], record.batch_size, sums,
+                            self._draw_weights(batch, i), self.factor_dtype, batch.valid[i],
+                            self.kfac_approx)
+        return sums
 
     def _reduce_statistics(
         self, batch: StepBatch, grads: dict[Tensor, Tensor], new: dict[str, FactorSums],
