@@ -299,12 +299,13 @@ class CurvatureOptimizer(Optimizer):
         # with automatic settings the quadratic model checks the directions (dᵀd is finite)
         if directions is None or not (self.auto.enabled or all_finite(directions.values())):
             return self._skip("curvature")
-        decision = decide(self._control, self._problem(batch, params, grads, directions))
+        problem = self._problem(batch, params, grads, directions)
+        decision = decide(self._control, problem)
         if decision is None:
             return self._skip("quadratic model")
         if decision.accepted:
             self.preconditioner.commit()
-            self._apply(params, decision)
+            self._apply(params, decision, problem.shrink)
         else:  # parameters and curvature unchanged, momentum restarted
             self.preconditioner.discard()
             for p in params:
@@ -365,16 +366,11 @@ class CurvatureOptimizer(Optimizer):
             quadratic=quadratic if self.kl_clip is not None else None,
         )
 
-    def _apply(self, params: list[Tensor], decision: Decision) -> None:
-        """θ ← s·θ + δ (s: decoupled weight decay); δ is the next step's δ₀."""
-        decayed = []
-        for p in params:
-            group = self._group_of(p)
-            wd = group.get("weight_decay", 0.0)
-            if wd and group.get("decoupled_weight_decay", False):
-                decayed.append((p, 1 - group["lr"] * wd))
-        for p, s in decayed:
-            p.mul_(s)
+    def _apply(self, params: list[Tensor], decision: Decision, shrink: list[float]) -> None:
+        """θ ← s·θ + δ (s: decoupled weight decay, the problem's); δ is the next step's δ₀."""
+        for p, s in zip(params, shrink, strict=True):
+            if s != 1.0:
+                p.mul_(s)
         torch._foreach_add_(params, decision.update)
         for p, delta in zip(params, decision.update, strict=True):
             group = self._group_of(p)
