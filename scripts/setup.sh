@@ -13,5 +13,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 fi
 .venv/bin/python -c "import torch" # fail loudly if torch did not install
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import natgrad, sklearn, tqdm, matplotlib, pytest"
+.venv/bin/python -m pip install -q -e ".[dev,integrations]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import natgrad, sklearn, tqdm, matplotlib, pytest, transformers, lightning"
