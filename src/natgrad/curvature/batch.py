@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from natgrad._calls import CallLayout
 from natgrad.layers.capture import ForwardRecord, batch_inputs
 from natgrad.losses import LossSpec
 
@@ -62,6 +63,11 @@ class StepBatch:
         if self._inputs is None:
             self._inputs = batch_inputs(self.records)
         return self._inputs
+
+    @property
+    def layout(self) -> CallLayout | None:
+        """How :meth:`inputs` map onto the model's arguments (None: no forward)."""
+        return self.records[0].layout if self.records else None
 
     def valid_rows(self) -> Tensor | None:
         """The positions that count for all forwards together, ``[N, ...]``, or None."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad._calls import model_output
 from natgrad._checks import check_choice
 from natgrad.curvature.model import Inputs, as_tuple, check_kind, output_factor
 from natgrad.layers.base import KroneckerHandler, LayerHandler
@@ -254,7 +255,7 @@ def kfac_factors(
     with LayerCapture(model, handlers) as capture:
         output = model(*as_tuple(inputs))
         record = capture.records[-1] if capture.records else None
-    output = output if output_fn is None else output_fn(output)
+    output = model_output(output, output_fn)
     if record is None:
         return {}
     factor = output_factor(spec, output, kind, targets, mc_samples, generator)

@@ -27,6 +27,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from natgrad._calls import CallLayout, model_output
 from natgrad._checks import check_positive_int
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
@@ -159,6 +160,9 @@ class FunctionalModel:
             that return a dict or a tuple); identity by default.
         params: the parameters to differentiate (default: all with ``requires_grad``, in
             ``model.parameters()`` order); the others are held fixed.
+        layout: how a tuple of inputs maps onto the model's arguments (keyword arguments
+            of a recorded forward, :class:`natgrad._calls.CallLayout`); default: all
+            positional.
     """
 
     def __init__(
@@ -166,11 +170,13 @@ class FunctionalModel:
         model: nn.Module,
         output_fn: Callable[[object], Tensor] | None = None,
         params: Sequence[Tensor] | None = None,
+        layout: CallLayout | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.output_fn = output_fn
+        self.layout = layout
         named = dict(model.named_parameters())
         if params is None:
             self.names = [name for name, p in named.items() if p.requires_grad]
@@ -188,6 +194,11 @@ class FunctionalModel:
     def detached_params(self) -> tuple[Tensor, ...]:
         return tuple(p.detach() for p in self.params)
 
+    def call(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The model's (extracted) outputs on ``inputs``, called as recorded."""
+        raw = self.model(*inputs) if self.layout is None else self.layout.call(self.model, inputs)
+        return model_output(raw, self.output_fn)
+
     def outputs(
         self, params: Sequence[Tensor], inputs: tuple[Tensor, ...], frozen_buffers: bool = False
     ) -> Tensor:
@@ -199,8 +210,13 @@ class FunctionalModel:
         tensors = dict(zip(self.names, params, strict=True))
         if frozen_buffers:
             tensors = {**{n: b.clone() for n, b in self.model.named_buffers()}, **tensors}
-        out = torch.func.functional_call(self.model, tensors, inputs, strict=False)
-        return out if self.output_fn is None else self.output_fn(out)
+        if self.layout is None:
+            out = torch.func.functional_call(self.model, tensors, inputs, strict=False)
+        else:
+            positional = inputs[: self.layout.positional]
+            out = torch.func.functional_call(self.model, tensors, positional,
+                                             self.layout.keywords_of(inputs), strict=False)
+        return model_output(out, self.output_fn)
 
     def jvp(
         self, inputs: tuple[Tensor, ...], tangents: Sequence[Sequence[Tensor]]
@@ -239,8 +255,7 @@ class FunctionalModel:
                     for p, t in zip(self.params, tangent, strict=True)
                 }
                 with swapped_tensors(self.model, duals, frozen_buffers=True):
-                    out = self.model(*inputs)
-                out = out if self.output_fn is None else self.output_fn(out)
+                    out = self.call(inputs)
                 outputs, product = fwAD.unpack_dual(out)
                 products.append(torch.zeros_like(outputs) if product is None else product)
         return outputs, products
@@ -254,8 +269,7 @@ class FunctionalModel:
         leaves = {id(p): p.detach().requires_grad_() for p in self.params}
         with torch.enable_grad(), product_kernels():
             with swapped_tensors(self.model, leaves, frozen_buffers=True):
-                out = self.model(*inputs)
-            out = out if self.output_fn is None else self.output_fn(out)
+                out = self.call(inputs)
             probe = torch.zeros_like(out, requires_grad=True)
             params = [leaves[id(p)] for p in self.params]
             transposed = torch.autograd.grad(
@@ -277,8 +291,7 @@ class FunctionalModel:
     def frozen_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Outputs at the current parameters, without gradients, on copies of the buffers."""
         with torch.no_grad(), swapped_tensors(self.model, {}, frozen_buffers=True):
-            out = self.model(*inputs)
-        return out if self.output_fn is None else self.output_fn(out)
+            return self.call(inputs)
 
     def per_sample_jacobian(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Jₙ = ∂fₙ/∂θ for every sample, ``[N, K, P]`` (samples must not interact)."""
@@ -307,8 +320,7 @@ class FunctionalModel:
             leaves = {id(p): p.detach().requires_grad_() for p in self.params}
             params = [leaves[id(p)] for p in self.params]
             with torch.enable_grad(), swapped_tensors(self.model, leaves, frozen_buffers=True):
-                out = self.model(*(x[n : n + 1] for x in inputs))
-                out = (out if self.output_fn is None else self.output_fn(out)).reshape(-1)
+                out = self.call(tuple(x[n : n + 1] for x in inputs)).reshape(-1)
                 sample = []
                 for k in range(out.numel()):
                     grads = torch.autograd.grad(out[k], params, retain_graph=True,

@@ -146,8 +146,7 @@ def fisher_operator(
     # formula works (custom autograd.Functions included); attention on the math kernel
     with torch.enable_grad(), product_kernels():
         with swapped_tensors(fmodel.model, leaves, frozen_buffers=frozen_buffers):
-            outputs = fmodel.model(*inputs)
-        outputs = outputs if fmodel.output_fn is None else fmodel.output_fn(outputs)
+            outputs = fmodel.call(inputs)
     apply = output_operator(spec, outputs, kind, targets, mc_samples, generator, valid)
     n = outputs.shape[0]
     if loss_scale:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad._calls import CallLayout, model_output, record_call
 from natgrad.layers.attention import (
     AttentionOutputHandler,
     InProjectionHandler,
@@ -26,6 +27,7 @@ from natgrad.layers.attention import (
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.conv import CONV_TYPES, ConvHandler
 from natgrad.layers.embedding import EmbeddingHandler
+from natgrad.layers.huggingface import huggingface_handler
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
 
@@ -61,6 +63,14 @@ def _matches(name: str, module: nn.Module, exclude: Iterable[str | type]) -> boo
     return False
 
 
+def _handler_type(module: nn.Module) -> type[LayerHandler] | None:
+    """The handler of ``module``'s layer type: PyTorch's layers, then Hugging Face's."""
+    for types, handler_type in HANDLERS:
+        if isinstance(module, types):
+            return handler_type
+    return huggingface_handler(module)
+
+
 def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMap:
     """Assign every trainable parameter of ``model`` to a curvature block, the fallback or
     the excluded set. ``exclude`` holds module names (their submodules too) or module types."""
@@ -92,14 +102,13 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
             if module.out_proj.weight.requires_grad:
                 handlers[f"{name}.out_proj"] = AttentionOutputHandler(module.out_proj, module)
             continue
-        for types, handler_type in HANDLERS:
-            if isinstance(module, types):
-                reason = handler_type.unsupported_reason(module)
-                if reason is None:
-                    handlers[name] = handler_type(module)
-                else:
-                    reasons[name] = f"{type(module).__name__} with {reason}"
-                break
+        handler_type = _handler_type(module)
+        if handler_type is not None:
+            reason = handler_type.unsupported_reason(module)
+            if reason is None:
+                handlers[name] = handler_type(module)
+            else:
+                reasons[name] = f"{type(module).__name__} with {reason}"
     # a parameter in several layers (a tied embedding and output head): two Kronecker layers
     # whose only parameter it is get one shared block (natgrad.curvature.shared); for any
     # other pattern the fallback's diagonal accounts for every use
@@ -152,9 +161,10 @@ class Call:
 class ForwardRecord:
     """One forward of the model: its inputs, output, the output's gradient, layer calls."""
 
-    inputs: tuple[Tensor, ...]
+    inputs: tuple[Tensor, ...]  # batched along dimension 0; ``layout`` maps them to arguments
     calls: dict[str, list[Call]]
     batch_size: int
+    layout: CallLayout = field(default_factory=lambda: CallLayout(0))
     output: Tensor | None = None  # detached, set when the backward reaches it
     output_grad: Tensor | None = None  # ∂loss/∂output
     stats: bool = False  # recorded on a statistics step (layer calls were captured)
@@ -204,7 +214,10 @@ class LayerCapture:
         # hooks are plain functions that act only for the modules they were registered on:
         # copy.deepcopy(model) copies them by reference (not this capture and its pending
         # forwards), and a copy's forwards are not reported to this capture
-        self._handles = [model.register_forward_hook(_for(model, self._model_hook))]
+        self._handles = [
+            model.register_forward_hook(_for(model, self._model_hook),
+                                        with_kwargs=True)
+        ]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
         for name, handler in handlers.items():
             if isinstance(handler, (InProjectionHandler, AttentionOutputHandler)):
@@ -250,7 +263,9 @@ class LayerCapture:
             output.register_hook(lambda grad: grads.append(grad.detach()))
         self._current.setdefault(name, []).append(call)
 
-    def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _model_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if torch.compiler.is_compiling():
             self.compiled = True
             return
@@ -260,16 +275,18 @@ class LayerCapture:
             trace, self._trace = self._trace, []
         if self._paused or not torch.is_grad_enabled():
             return
-        out = output if self._output_fn is None else self._output_fn(output)
+        out = model_output(output, self._output_fn)
         if not isinstance(out, Tensor):
             raise TypeError(
-                "the model's output is not a Tensor; pass output_fn to say how to get the "
-                f"likelihood's parameters from a {type(output).__name__}"
+                "the model's output is not a Tensor (nor has it a 'logits' Tensor); pass "
+                f"output_fn to say how to get the likelihood's parameters from a "
+                f"{type(output).__name__}"
             )
         if not out.requires_grad:
             return
-        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        record = ForwardRecord(inputs, calls, out.shape[0], stats=self.gathering, trace=trace)
+        inputs, layout = record_call(args, kwargs, out.shape[0])
+        record = ForwardRecord(inputs, calls, out.shape[0], layout, stats=self.gathering,
+                               trace=trace)
         self.records.append(record)
         del self.records[:-_MAX_PENDING]
         record.attached_output = out
@@ -330,12 +347,13 @@ class LayerCapture:
 
 
 def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored)."""
+    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored);
+    registered ``with_kwargs=True`` it also receives the call's keyword arguments."""
     target = weakref.ref(module)
 
-    def forward_hook(called: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def forward_hook(called: nn.Module, *arguments: Any) -> None:
         if called is target():
-            hook(called, args, output)
+            hook(called, *arguments)
 
     return forward_hook
 
@@ -349,12 +367,18 @@ def _reached(
 
 
 def batch_inputs(records: list[ForwardRecord]) -> tuple[Tensor, ...]:
-    """The inputs of several forwards concatenated along the batch (micro-batches)."""
+    """The inputs of several forwards concatenated along the batch (micro-batches), laid
+    out as ``records[0].layout`` says."""
     for record in records:
         if not record.inputs or not all(isinstance(a, Tensor) for a in record.inputs):
             raise TypeError(
-                "natgrad needs the model's forward to take only Tensor positional arguments "
-                "batched along dimension 0"
+                "natgrad needs the model's forward to take Tensor arguments batched along "
+                "dimension 0 (positional, or keyword tensors with the batch's rows)"
+            )
+        if not record.layout.matches(records[0].layout):
+            raise TypeError(
+                "the forwards of one step call the model with different arguments "
+                f"({records[0].layout} and {record.layout}); natgrad concatenates them"
             )
     if len(records) == 1:
         return records[0].inputs

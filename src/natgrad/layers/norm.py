@@ -1,8 +1,9 @@
-"""Affine parameters of BatchNorm / LayerNorm / GroupNorm: an exact dense block of their own.
+"""Affine parameters of BatchNorm / LayerNorm / GroupNorm / RMSNorm: an exact dense block.
 
 The layer computes y = x̂ ⊙ γ + β with x̂ the normalised input, so the per-sample gradients
 are ∂/∂γ = Σ_positions δ ⊙ x̂ and ∂/∂β = Σ_positions δ. x̂ is recomputed from the captured
-input with the layer's own statistics (batch statistics in training mode).
+input with the layer's own statistics (batch statistics in training mode); for RMSNorm
+x̂ = x / √(mean(x²) + ε) over the normalised shape.
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ from natgrad.layers.base import DenseHandler
 
 __all__ = ["NormHandler", "NORM_TYPES"]
 
-NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 class NormHandler(DenseHandler):
-    """BatchNorm{1,2,3}d, LayerNorm, GroupNorm with affine parameters."""
+    """BatchNorm{1,2,3}d, LayerNorm, GroupNorm, RMSNorm with affine parameters."""
+
+    @property
+    def normalized_shape(self) -> tuple[int, ...] | None:
+        """The trailing shape a LayerNorm/RMSNorm normalises over (None: channels at dim 1)."""
+        if isinstance(self.module, (nn.LayerNorm, nn.RMSNorm)):
+            return tuple(self.module.normalized_shape)
+        return None
 
     def _normalised(self, inputs: Tensor) -> Tensor:
         m = self.module
         if isinstance(m, nn.LayerNorm):
             return F.layer_norm(inputs, m.normalized_shape, eps=m.eps)
+        if isinstance(m, nn.RMSNorm):
+            return F.rms_norm(inputs, m.normalized_shape, eps=m.eps)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(inputs, m.num_groups, eps=m.eps)
         use_batch = m.training or m.running_mean is None
@@ -39,8 +49,8 @@ class NormHandler(DenseHandler):
 
     def _reduce(self, values: Tensor) -> Tensor:
         """Sum over positions that share a parameter, ``[N, d]``."""
-        if isinstance(self.module, nn.LayerNorm):
-            shape = self.module.normalized_shape
+        shape = self.normalized_shape
+        if shape is not None:
             return values.reshape(values.shape[0], -1, *shape).sum(1).reshape(values.shape[0], -1)
         return values.reshape(values.shape[0], values.shape[1], -1).sum(2)  # channels at dim 1
 
@@ -48,7 +58,8 @@ class NormHandler(DenseHandler):
         parts = []
         if self.module.weight is not None and self.module.weight.requires_grad:
             parts.append(self._reduce(grad_outputs * self._normalised(inputs)))
-        if self.module.bias is not None and self.module.bias.requires_grad:
+        bias = getattr(self.module, "bias", None)
+        if bias is not None and bias.requires_grad:
             parts.append(self._reduce(grad_outputs))
         return torch.cat(parts, dim=1)
 
@@ -61,5 +72,6 @@ class NormHandler(DenseHandler):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
-        has = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+        has = [p for p in (module.weight, getattr(module, "bias", None))
+               if p is not None and p.requires_grad]
         return None if has else "it has no trainable affine parameters"

@@ -347,8 +347,8 @@ class CurvatureOptimizer(Optimizer):
                           else 1.0)
         quadratic = getattr(self.preconditioner, "quadratic", None)
         return StepProblem(
-            fmodel=FunctionalModel(self.model, self.output_fn, params) if self.auto.enabled
-            else None,
+            fmodel=FunctionalModel(self.model, self.output_fn, params, batch.layout)
+            if self.auto.enabled else None,
             batch=batch,
             params=params,
             grads=[grads[p] for p in params],

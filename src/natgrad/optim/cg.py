@@ -66,7 +66,7 @@ class ConjugateGradientSolve:
     def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         opt, batch = self.opt, self._batch
         params = list(grads)
-        fmodel = FunctionalModel(opt.model, opt.output_fn, params)
+        fmodel = FunctionalModel(opt.model, opt.output_fn, params, batch.layout)
         first = opt.param_groups[0]
         shift = opt.damping_of(first)
         if first.get("weight_decay") and not first.get("decoupled_weight_decay"):

@@ -171,7 +171,7 @@ class ExactPreconditioner:
                 "the model was backpropagated since the last step"
             )
         opt = self.opt
-        fmodel = FunctionalModel(opt.model, opt.output_fn, list(grads))
+        fmodel = FunctionalModel(opt.model, opt.output_fn, list(grads), batch.layout)
         with opt._capture.paused():
             rows, _ = fisher_rows(
                 fmodel, opt.loss_spec, batch.inputs(), self.kind, None, self.mc_samples,
