@@ -163,6 +163,9 @@ class FunctionalModel:
         layout: how a tuple of inputs maps onto the model's arguments (keyword arguments
             of a recorded forward, :class:`natgrad._calls.CallLayout`); default: all
             positional.
+        values: the tensors at which to evaluate, one per parameter (default: the
+            parameters themselves); whole tensors for a model sharded with ``fully_shard``,
+            swapped into its modules for every evaluation.
     """
 
     def __init__(
@@ -171,6 +174,8 @@ class FunctionalModel:
         output_fn: Callable[[object], Tensor] | None = None,
         params: Sequence[Tensor] | None = None,
         layout: CallLayout | None = None,
+        *,
+        values: Sequence[Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -189,10 +194,13 @@ class FunctionalModel:
         if not self.names:
             raise ValueError("model has no parameters that require gradients")
         self.params = [named[name] for name in self.names]
+        self.values = self.params if values is None else list(values)
+        if len(self.values) != len(self.params):
+            raise ValueError("values must hold one tensor per parameter")
         self.num_params = sum(p.numel() for p in self.params)
 
     def detached_params(self) -> tuple[Tensor, ...]:
-        return tuple(p.detach() for p in self.params)
+        return tuple(v.detach() for v in self.values)
 
     def call(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's (extracted) outputs on ``inputs``, called as recorded."""
@@ -251,8 +259,8 @@ class FunctionalModel:
             warnings.simplefilter("ignore", DeprecationWarning)
             for tangent in tangents:  # t -> J t
                 duals = {
-                    id(p): fwAD.make_dual(p.detach(), t)
-                    for p, t in zip(self.params, tangent, strict=True)
+                    id(p): fwAD.make_dual(v.detach(), t)
+                    for p, v, t in zip(self.params, self.values, tangent, strict=True)
                 }
                 with swapped_tensors(self.model, duals, frozen_buffers=True):
                     out = self.call(inputs)
@@ -266,7 +274,8 @@ class FunctionalModel:
         """:meth:`jvp` by reverse over reverse: g(u) = Jᵀu is linear in u, so J·t is the
         gradient of ⟨g(u), t⟩ with respect to u (one forward, one backward with its graph,
         one backward per tangent)."""
-        leaves = {id(p): p.detach().requires_grad_() for p in self.params}
+        leaves = {id(p): v.detach().requires_grad_()
+                  for p, v in zip(self.params, self.values, strict=True)}
         with torch.enable_grad(), product_kernels():
             with swapped_tensors(self.model, leaves, frozen_buffers=True):
                 out = self.call(inputs)
@@ -290,7 +299,8 @@ class FunctionalModel:
 
     def frozen_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Outputs at the current parameters, without gradients, on copies of the buffers."""
-        with torch.no_grad(), swapped_tensors(self.model, {}, frozen_buffers=True):
+        values = {id(p): v for p, v in zip(self.params, self.values, strict=True) if v is not p}
+        with torch.no_grad(), swapped_tensors(self.model, values, frozen_buffers=True):
             return self.call(inputs)
 
     def per_sample_jacobian(self, inputs: tuple[Tensor, ...]) -> Tensor:
@@ -317,7 +327,8 @@ class FunctionalModel:
         entry at a time (slow; for models that ``torch.func`` cannot transform)."""
         rows = []
         for n in range(inputs[0].shape[0]):
-            leaves = {id(p): p.detach().requires_grad_() for p in self.params}
+            leaves = {id(p): v.detach().requires_grad_()
+                      for p, v in zip(self.params, self.values, strict=True)}
             params = [leaves[id(p)] for p in self.params]
             with torch.enable_grad(), swapped_tensors(self.model, leaves, frozen_buffers=True):
                 out = self.call(tuple(x[n : n + 1] for x in inputs)).reshape(-1)
@@ -334,7 +345,7 @@ class FunctionalModel:
 
     def unflatten(self, vector: Tensor) -> list[Tensor]:
         """Split a flat ``[P]`` vector into tensors shaped like the parameters."""
-        return unflatten(vector, self.params)
+        return unflatten(vector, self.values)
 
 
 @contextmanager

@@ -8,6 +8,15 @@ and :func:`load_checkpoint` gives each rank its own back when the world size is 
 so a restarted run continues exactly where the checkpoint left it. On another world size a
 rank without a saved stream forks one of its own (see :meth:`natgrad.KFAC.load_state_dict`).
 
+A model sharded with FSDP2 (``fully_shard``) is saved whole: its shards are gathered into
+one full state dict on rank 0 (on the CPU), and loaded by every rank taking its own shards
+of it, so the checkpoint, like natgrad's optimizer state (whole tensors, identical on every
+rank), loads on any world size, sharded or not.
+
+With ``inverse_placement="owner"`` each rank holds only the blocks it owns: the checkpoint
+gathers every rank's optimizer state into one that holds every block (rank 0's entries
+first, each block's from its owner), and loading keeps each rank's own blocks.
+
 Both functions are collective: every rank calls them at the same step.
 """
 
@@ -22,6 +31,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from natgrad.distributed.comm import Communicator
+from natgrad.distributed.fsdp import is_sharded
+from natgrad.distributed.kfac import keeps_state_on_owners
 
 __all__ = ["load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
@@ -32,6 +43,48 @@ def _rng_state(state: dict[str, Any]) -> torch.Tensor | None:
     return state["state"].get(GLOBAL, {}).get("rng_state")
 
 
+def _sharded(model: nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def _model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's state dict with whole tensors (a sharded model's: on rank 0 only)."""
+    if not _sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _merged_state(state: dict[str, Any], comm: Communicator) -> dict[str, Any]:
+    """Every rank's optimizer state in one (on rank 0): per entry the union of the ranks'
+    keys, a key from the lowest rank that has it (the block states only their owners)."""
+    import torch.distributed as dist
+
+    parts: list[Any] | None = [None] * comm.world_size if comm.rank == 0 else None
+    dist.gather_object(state, parts, dst=comm._global_rank(0), group=comm.group)
+    if parts is None:
+        return state
+    merged: dict[Any, dict[str, Any]] = {}
+    for part in parts:
+        for key, entry in part["state"].items():
+            target = merged.setdefault(key, {})
+            for name, value in entry.items():
+                target.setdefault(name, value)
+    return {**parts[0], "state": merged}
+
+
+def _load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a whole state dict (a sharded model takes this rank's shards of it)."""
+    if not _sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
 def save_checkpoint(
     path: str | Path, comm: Communicator, model: nn.Module, optimizer: Optimizer, **extra: Any
 ) -> None:
@@ -40,18 +93,21 @@ def save_checkpoint(
     Args:
         path: the checkpoint file.
         comm: the data-parallel communicator (every rank must call this function).
-        model: the model (not its DDP wrapper).
+        model: the model (not its DDP wrapper; a ``fully_shard``-ed model is saved whole).
         optimizer: the optimizer.
         extra: anything else to store (the step, the configuration, ...).
     """
     state = optimizer.state_dict()
+    if keeps_state_on_owners(optimizer):  # every rank's blocks, on rank 0
+        state = _merged_state(state, comm)
+    model_state = _model_state(model)  # collective for a sharded model
     rng = _rng_state(state)
     streams = None if rng is None else [s.cpu() for s in comm.all_gather(rng)]
     if comm.rank == 0:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"model": model.state_dict(), "optimizer": state, "rng_streams": streams,
+        torch.save({"model": model_state, "optimizer": state, "rng_streams": streams,
                     "world_size": comm.world_size, **extra}, temporary)
         os.replace(temporary, path)  # a reader sees the old file or the new, never half
     comm.barrier()
@@ -67,10 +123,11 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model and optimizer from ``path`` on this rank; returns the whole checkpoint.
 
-    With the world size it was written on, each rank gets its own label stream back.
+    With the world size it was written on, each rank gets its own label stream back. A
+    sharded model takes this rank's shards of the saved whole tensors.
     """
     checkpoint = read_checkpoint(path)
-    model.load_state_dict(checkpoint["model"])
+    _load_model_state(model, checkpoint["model"])
     state = checkpoint["optimizer"]
     streams = checkpoint.get("rng_streams")
     if streams is not None and checkpoint.get("world_size") == comm.world_size:

@@ -10,6 +10,12 @@ rank that :func:`natgrad.distributed.placement.balanced_placement` assigns it, a
 block on every rank instead. Either way every rank ends a refresh with all inverses, so each
 preconditions the (all-reduced) gradient itself and the parameters stay identical.
 
+``inverse_placement="owner"`` keeps each block's state on its owner only: the owner folds the
+summed statistics into its moving averages, refreshes the inverses and preconditions the
+block's gradient; every step the owners broadcast their blocks' directions (one broadcast per
+owning rank, bucketed), so every rank ends the step with the same directions while holding
+about 1/W of the blocks' factors and inverses (:meth:`FactorSync.share_directions`).
+
 References:
     Osawa et al., Large-scale distributed second-order optimization using
     Kronecker-factored approximate curvature for deep convolutional neural networks, 2019.
@@ -31,10 +37,26 @@ from natgrad.distributed.comm import Communicator
 from natgrad.distributed.placement import PLACEMENTS, balanced_placement, block_cost
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 
-__all__ = ["FactorSync", "refresh_layout", "statistic_shapes"]
+__all__ = ["BLOCK_KEYS", "FactorSync", "keeps_state_on_owners", "refresh_layout",
+           "statistic_shapes"]
 
 Block = KroneckerBlock | DenseBlock | SharedBlock
 Shape = tuple[int, ...]
+# the state keys of a block (curvature/kfac.py, ekfac.py, shared.py), and the prefixes of a
+# shared block's per-use factors: what a rank that does not own the block leaves out
+BLOCK_KEYS = ("input_cov", "grad_cov", "input_inv", "grad_inv", "fisher_block", "block_inv",
+              "eigvecs_out", "eigvecs_in", "scaling", "shared_left", "shared_right",
+              "shared_scale")
+_BLOCK_PREFIXES = ("input_cov.", "grad_cov.")
+
+
+def keeps_state_on_owners(optimizer: object) -> bool:
+    """Whether ``optimizer``'s block states live on their owners only (``"owner"``)."""
+    sync = getattr(getattr(optimizer, "preconditioner", None), "sync", None)
+    if sync is None:  # NGDCG holds its K-FAC preconditioner inside the CG solve
+        inner = getattr(getattr(optimizer, "preconditioner", None), "inner", None)
+        sync = getattr(inner, "sync", None)
+    return isinstance(sync, FactorSync) and sync.placement == "owner" and sync.active
 
 
 def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
@@ -47,8 +69,9 @@ def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
     if isinstance(handler, SharedHandler):  # in the weight's orientation, [V, D]: L and R
         v, d = handler.param.shape
         return (d, d), (v, v)
-    with torch.no_grad():
-        matrix = handler.gather({p: p for p in handler.params})
+    with torch.no_grad():  # whole shapes (a sharded parameter's shape is its whole one)
+        matrix = handler.gather({p: torch.empty(p.shape, dtype=p.dtype, device="meta")
+                                 for p in handler.params})
     if isinstance(handler, KroneckerHandler):
         *groups, d_out, d_in = matrix.shape  # grouped convolutions: a leading group axis
         if handler.diagonal_input:
@@ -90,10 +113,13 @@ class FactorSync:
     """K-FAC's communication: statistics all-reduce, inverse placement and broadcast.
 
     Args:
-        comm: the communicator (all methods assume ``comm.active``; callers check
-            :attr:`active` and take their single-process path otherwise).
-        placement: ``"balanced"`` (each block computed by one owner, then broadcast) or
-            ``"everywhere"`` (every rank computes every block; nothing is broadcast).
+        comm: the communicator (the statistics and refresh methods assume
+            ``comm.active``; callers check :attr:`active` and take their single-process path
+            otherwise; the owner-placement methods are no-ops on one process).
+        placement: ``"balanced"`` (each block computed by one owner, then broadcast),
+            ``"everywhere"`` (every rank computes every block; nothing is broadcast) or
+            ``"owner"`` (each block's state and preconditioning on its owner only, the
+            directions broadcast).
     """
 
     def __init__(self, comm: Communicator, placement: str = "balanced") -> None:
@@ -123,6 +149,59 @@ class FactorSync:
             owners = balanced_placement(costs, self.comm.world_size)
             self._owners = (key, dict(zip(blocks, owners, strict=True)))
         return self._owners[1]
+
+    @property
+    def on_owners(self) -> bool:
+        """Whether block states live on their owners only (``"owner"`` over > 1 process)."""
+        return self.placement == "owner" and self.comm.active
+
+    def keeps(self, blocks: dict[str, Block], name: str) -> bool:
+        """Whether this rank keeps the state of block ``name`` (its owner, or every rank)."""
+        return not self.on_owners or self.owners(blocks)[name] == self.comm.rank
+
+    def prune(self, blocks: dict[str, Block]) -> None:
+        """Drop the state of the blocks this rank does not own (after loading a checkpoint
+        that holds every block)."""
+        for name, block in blocks.items():
+            if not self.keeps(blocks, name):
+                for key in [k for k in block.state if k in BLOCK_KEYS
+                            or k.startswith(_BLOCK_PREFIXES)]:
+                    del block.state[key]
+
+    def share_directions(
+        self, blocks: dict[str, Block], directions: dict[Tensor, Tensor]
+    ) -> None:
+        """Every block's directions from its owner (``"owner"`` placement; else nothing).
+
+        ``directions`` holds Δ for every parameter, computed by the block's owner and the
+        plain gradient elsewhere; each owner broadcasts its blocks' Δ (one bucketed broadcast
+        per owning rank) and every other rank takes them in place.
+
+        Raises:
+            ValueError: a parameter in two blocks (each would be broadcast whole).
+        """
+        if not self.on_owners:
+            return
+        owners, rank = self.owners(blocks), self.comm.rank
+        seen: set[int] = set()
+        for name, block in blocks.items():
+            if any(id(p) in seen for p in block.handler.params):
+                raise ValueError(f"inverse_placement='owner': block {name!r} shares a "
+                                 "parameter with another block")
+            seen.update(id(p) for p in block.handler.params)
+        for src in range(self.comm.world_size):
+            params = [p for name, block in blocks.items() if owners[name] == src
+                      for p in block.handler.params if p in directions]
+            if not params:
+                continue
+            if rank != src:  # receive into fresh tensors: the gradients are not overwritten
+                for p in params:
+                    directions[p] = torch.empty_like(directions[p])
+            self.comm.broadcast([directions[p] for p in params], src)
+
+    def sum_owned(self, value: float) -> float:
+        """Σ over ranks of a sum over the blocks each rank owns (``"owner"``; else value)."""
+        return self.comm.sum_values([value])[0] if self.on_owners else value
 
     # --- statistics ---------------------------------------------------------------------------
     def reduce_statistics(
@@ -168,7 +247,9 @@ class FactorSync:
             tensors.append(part.grad_sum)
             counts += [part.rows, part.samples]
             parts.append((name, part))
-        diag = [diagonal[p] if p in diagonal else torch.zeros_like(p) for p in diagonal_params]
+        diag = [diagonal[p] if p in diagonal else torch.zeros(p.shape, dtype=p.dtype,
+                                                              device=p.device)
+                for p in diagonal_params]
         count_tensor = _counts([*counts, samples], dtype)
         self.comm.all_reduce([*tensors, *diag, count_tensor])
         totals = [round(c) for c in count_tensor.tolist()]
@@ -213,6 +294,11 @@ class FactorSync:
             dtype: the inverse dtype (for the receiving buffers).
         """
         ready = {name: block for name, block in blocks.items() if block.ready}
+        if self.placement == "owner":  # on the owners, kept there
+            for name, block in ready.items():
+                if self.keeps(blocks, name):
+                    refresh(block)
+            return
         if self.placement == "everywhere":
             for block in ready.values():
                 refresh(block)

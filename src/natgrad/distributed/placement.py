@@ -8,7 +8,10 @@ way). Owners come from the greedy *longest processing time first* rule
 (:func:`balanced_placement`): blocks in decreasing cost, each to the currently least-loaded
 rank. Its largest load is at most 4/3 − 1/(3W) times the best possible (Graham 1969). With
 ``inverse_placement="everywhere"`` every rank computes every block and nothing is broadcast:
-W-fold redundant work in exchange for no inverse traffic.
+W-fold redundant work in exchange for no inverse traffic. With ``inverse_placement="owner"``
+the owner also keeps the block's factors and inverses and preconditions its gradient; the
+other ranks hold none of it and receive the block's direction every step (about 1/W of the
+state per rank, for a broadcast of the directions each step).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from natgrad._checks import check_positive_int
 
 __all__ = ["PLACEMENTS", "balanced_placement", "block_cost", "rank_loads"]
 
-PLACEMENTS = ("balanced", "everywhere")
+PLACEMENTS = ("balanced", "everywhere", "owner")
 
 
 def block_cost(shapes: Sequence[Sequence[int]]) -> float:

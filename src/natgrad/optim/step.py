@@ -48,6 +48,8 @@ class StepProblem:
         fmodel: the model as a function of ``params`` (automatic settings only).
         batch: the step's forwards.
         params: the parameters with a gradient.
+        values: θ per parameter as whole tensors (None: the parameters themselves; under
+            ``fully_shard`` they are the all-gathered shards).
         grads: ∇J per parameter (with the L2 penalty's gradient).
         directions: Δ per parameter (the step is along −Δ).
         previous: δ₀ per parameter, None where there is none (first step, after a reject).
@@ -76,6 +78,7 @@ class StepProblem:
     paused: Callable[[], AbstractContextManager[None]]
     kl_clip: float | None = None
     quadratic: Callable[[dict[Tensor, Tensor]], float] | None = None
+    values: list[Tensor] | None = None
 
 
 @dataclass
@@ -150,7 +153,8 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
 
 def trial_parameters(problem: StepProblem, update: list[Tensor]) -> Iterator[Tensor]:
     """s·θ + δ per parameter: where the step would take the parameters."""
-    for p, delta, s in zip(problem.params, update, problem.shrink, strict=True):
+    values = problem.params if problem.values is None else problem.values
+    for p, delta, s in zip(values, update, problem.shrink, strict=True):
         yield p.add(delta) if s == 1.0 else p.mul(s).add_(delta)
 
 
