@@ -140,7 +140,8 @@ def fisher_operator(
     The product is the canonical (batch-mean) Fisher's, or with ``loss_scale`` that of the
     loss as ``spec`` normalises it (c times the canonical one, see :func:`fisher_matrix`).
     """
-    leaves = {id(p): p.detach().requires_grad_() for p in fmodel.params}
+    leaves = {id(p): v.detach().requires_grad_()  # at fmodel's values (whole under FSDP2)
+              for p, v in zip(fmodel.params, fmodel.values, strict=True)}
     params = [leaves[id(p)] for p in fmodel.params]
     # the reverse graph, built once: plain autograd, so that any operation with a backward
     # formula works (custom autograd.Functions included); attention on the math kernel
