@@ -14,6 +14,7 @@ Payload bytes and calls are counted for the benchmark (:attr:`Communicator.bytes
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +27,24 @@ __all__ = ["ByteCounter", "Communicator", "count_ddp_bytes", "mean_operator", "u
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (any other module unchanged).
+    """The module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers, in any
+    nesting (any other module unchanged).
 
     natgrad hooks the wrapped module's layers and re-evaluates it functionally; going
-    through the wrapper would start DDP's gradient synchronisation for those re-evaluations.
+    through DDP would start its gradient synchronisation for those re-evaluations, and
+    through a compiled module would run natgrad's forward-mode and double-backward products
+    on a graph that supports neither.
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    # no compiled module exists unless torch.compile has loaded its module (a slow import)
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = eval_frame.OptimizedModule if eval_frame is not None else ()
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class Communicator:

@@ -41,6 +41,9 @@ HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
 )
 _MAX_PENDING = 64  # forwards kept between two steps (bounded memory)
 OPAQUE_TYPES = (nn.MultiheadAttention,)  # call F.linear on their submodules' weights
+# why natgrad's hooks break torch.compile's graphs (shown by fullgraph=True's error)
+_EAGER = ("natgrad records each watched layer's inputs and output gradients eagerly, "
+          "between compiled pieces of the forward; compile without fullgraph=True")
 
 
 @dataclass
@@ -202,7 +205,6 @@ class LayerCapture:
         trace: bool = False,
     ) -> None:
         self.gathering = True  # record layer calls (a statistics step)
-        self.compiled = False  # a watched layer ran inside a torch.compile'd graph
         self.records: list[ForwardRecord] = []
         self._output_fn = output_fn
         self._on_backward = on_backward
@@ -248,11 +250,9 @@ class LayerCapture:
 
         return hook
 
+    @torch.compiler.disable(reason=_EAGER)  # MultiheadAttention's forward calls it
     def _record_call(self, name: str, inputs: Tensor, output: Tensor) -> None:
         """One call of the layer ``name``: its input and its output (with its graph)."""
-        if torch.compiler.is_compiling():  # traced by torch.compile: see `compiled`
-            self.compiled = True
-            return
         if not (self.gathering and not self._paused and torch.is_grad_enabled()):
             return
         if not isinstance(output, Tensor) or not isinstance(inputs, Tensor) or not name:
@@ -266,9 +266,6 @@ class LayerCapture:
     def _model_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        if torch.compiler.is_compiling():
-            self.compiled = True
-            return
         calls, self._current = self._current, {}
         trace = None
         if self._trace is not None:
@@ -348,14 +345,19 @@ class LayerCapture:
 
 def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
     """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored);
-    registered ``with_kwargs=True`` it also receives the call's keyword arguments."""
+    registered ``with_kwargs=True`` it also receives the call's keyword arguments.
+
+    Under ``torch.compile`` the hook runs eagerly, between the compiled pieces of the
+    forward (a graph break at each watched layer): it records real tensors and registers
+    real gradient hooks, so the statistics and steps are those of the eager model.
+    """
     target = weakref.ref(module)
 
     def forward_hook(called: nn.Module, *arguments: Any) -> None:
         if called is target():
             hook(called, *arguments)
 
-    return forward_hook
+    return torch.compiler.disable(forward_hook, reason=_EAGER)
 
 
 def _reached(

@@ -259,23 +259,11 @@ class CurvatureOptimizer(Optimizer):
     # --- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One update; ``closure`` re-evaluates the model and returns the loss (optional).
-
-        Raises:
-            RuntimeError: the model's forward ran inside ``torch.compile`` (natgrad cannot
-                see inside a compiled graph yet: the curvature would silently change).
-        """
+        """One update; ``closure`` re-evaluates the model and returns the loss (optional)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._capture.compiled:
-            raise RuntimeError(
-                f"{type(self).__name__}: the model's forward ran inside torch.compile, which "
-                "natgrad does not support yet: the output gradients of layers inside a "
-                "compiled graph cannot be captured, so the curvature would silently be wrong. "
-                "Train the model uncompiled (its optimizer step is unaffected)."
-            )
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return loss
