@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +37,7 @@ from natgrad._checks import all_finite, check_nonnegative, check_positive, check
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel
 from natgrad.distributed.comm import Communicator, unwrap_model
+from natgrad.distributed.fsdp import param_sharding
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
@@ -87,6 +89,7 @@ class CurvatureOptimizer(Optimizer):
     """
 
     data_parallel = False  # communicates through self._comm so that ranks stay identical
+    fully_sharded = False  # trains fully_shard (FSDP2) models: whole tensors for the step
     preconditioner: Preconditioner
     stat_every: int | None = None  # steps between statistics (None: the capture never gathers)
     kl_clip: float | None = None  # KL-clipping bound of a fixed lr (KFAC, EKFAC)
@@ -138,6 +141,11 @@ class CurvatureOptimizer(Optimizer):
         self.loss_spec = loss_spec
         self.output_fn = output_fn
         self._comm = Communicator(process_group)
+        # FSDP2: the step on whole tensors, the update on this rank's shards (else no-ops)
+        self._sharding = param_sharding(self.model, self._comm)
+        if self._sharding.sharded and not self.fully_sharded:
+            raise TypeError(f"{type(self).__name__} does not support models sharded with "
+                            "fully_shard (FSDP2); KFAC, EKFAC and NGDCG do")
         self._control = QuadraticControl(self.auto, self._comm if self.data_parallel else None)
         self._capture: LayerCapture  # set by subclasses (_attach)
         self._warned: set[str] = set()
@@ -269,25 +277,27 @@ class CurvatureOptimizer(Optimizer):
             return loss
         # the forwards since the last step (taken also when skipping: not for the next step)
         batch = StepBatch(self._capture.take(), self.loss_spec)
+        accumulated = self._sharding.whole([p.grad for p in params])  # all-gathered if sharded
         if not _is_finite(loss):
             self._skip("loss")
-        elif not all_finite(p.grad for p in params):
+        elif not all_finite(accumulated):
             self._skip("gradient")
         else:
-            self._step(batch, params)
+            self._step(batch, params, accumulated)
         self._schedule_statistics()
         return loss
 
-    def _step(self, batch: StepBatch, params: list[Tensor]) -> None:
+    def _step(self, batch: StepBatch, params: list[Tensor], accumulated: list[Tensor]) -> None:
         step = self.global_state["step"]
-        grads = self._objective_gradients(params, batch.grad_scale)  # ∇J (+ L2)
+        values = self._sharding.whole(params)  # θ as whole tensors
+        grads = self._objective_gradients(params, values, accumulated, batch.grad_scale)
         if not self.preconditioner.update(batch, grads, step):  # pending curvature
             return self._skip("curvature")
         directions = self.preconditioner.apply(grads)  # Δ
         # with automatic settings the quadratic model checks the directions (dᵀd is finite)
         if directions is None or not (self.auto.enabled or all_finite(directions.values())):
             return self._skip("curvature")
-        problem = self._problem(batch, params, grads, directions)
+        problem = self._problem(batch, params, values, grads, directions)
         decision = decide(self._control, problem)
         if decision is None:
             return self._skip("quadratic model")
@@ -305,23 +315,29 @@ class CurvatureOptimizer(Optimizer):
         state["step"] = step + 1
 
     def _objective_gradients(
-        self, params: list[Tensor], scale: float
+        self, params: list[Tensor], values: list[Tensor], accumulated: list[Tensor],
+        scale: float,
     ) -> dict[Tensor, Tensor]:
-        """∇J per parameter: the accumulated gradient over ``scale``, plus η·θ for L2 decay."""
+        """∇J per parameter: the accumulated gradient over ``scale``, plus η·θ for L2 decay
+        (``values``: θ; both lists as whole tensors, following ``params``)."""
         grads = {}
-        for group in self.param_groups:
+        for p, value, grad in zip(params, values, accumulated, strict=True):
+            group = self._group_of(p)
             wd = group.get("weight_decay", 0.0)
             l2 = wd and not group.get("decoupled_weight_decay", False)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if scale == 1.0 else p.grad / scale
-                grads[p] = grad + wd * p if l2 else grad  # the penalty is preconditioned too
-        return {p: grads[p] for p in params}
+            grad = grad if scale == 1.0 else grad / scale
+            grads[p] = grad + wd * value if l2 else grad  # the penalty is preconditioned too
+        return grads
+
+    @contextmanager
+    def _own_forwards(self) -> Iterator[None]:
+        """The optimizer's own evaluations of the model: not captured, not seen by FSDP."""
+        with self._capture.paused(), self._sharding.own_forwards():
+            yield
 
     def _problem(
-        self, batch: StepBatch, params: list[Tensor], grads: dict[Tensor, Tensor],
-        directions: dict[Tensor, Tensor],
+        self, batch: StepBatch, params: list[Tensor], values: list[Tensor],
+        grads: dict[Tensor, Tensor], directions: dict[Tensor, Tensor],
     ) -> StepProblem:
         first = self.param_groups[0]
         # momentum, weight decay and damping of the quadratic model are optimizer-wide (the
@@ -335,10 +351,11 @@ class CurvatureOptimizer(Optimizer):
                           else 1.0)
         quadratic = getattr(self.preconditioner, "quadratic", None)
         return StepProblem(
-            fmodel=FunctionalModel(self.model, self.output_fn, params, batch.layout)
-            if self.auto.enabled else None,
+            fmodel=FunctionalModel(self.model, self.output_fn, params, batch.layout,
+                                   values=values) if self.auto.enabled else None,
             batch=batch,
             params=params,
+            values=values,
             grads=[grads[p] for p in params],
             directions=[directions[p] for p in params],
             previous=[self.state[p].get("previous_update") for p in params],
@@ -349,17 +366,19 @@ class CurvatureOptimizer(Optimizer):
             damping=self.damping_of(first),
             weight_decay=0.0 if decoupled else first.get("weight_decay", 0.0),
             step=self.global_state["step"],
-            paused=self._capture.paused,
+            paused=self._own_forwards,
             kl_clip=self.kl_clip,
             quadratic=quadratic if self.kl_clip is not None else None,
         )
 
     def _apply(self, params: list[Tensor], decision: Decision, shrink: list[float]) -> None:
-        """θ ← s·θ + δ (s: decoupled weight decay, the problem's); δ is the next step's δ₀."""
-        for p, s in zip(params, shrink, strict=True):
+        """θ ← s·θ + δ (s: decoupled weight decay, the problem's); δ is the next step's δ₀.
+        Sharded parameters take their own rows of the whole δ."""
+        local = self._sharding.local(params)
+        for t, s in zip(local, shrink, strict=True):
             if s != 1.0:
-                p.mul_(s)
-        torch._foreach_add_(params, decision.update)
+                t.mul_(s)
+        torch._foreach_add_(local, self._sharding.shard(params, decision.update))
         for p, delta in zip(params, decision.update, strict=True):
             group = self._group_of(p)
             if self.auto.momentum or group.get("momentum", 0.0):

@@ -66,12 +66,13 @@ class ConjugateGradientSolve:
     def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         opt, batch = self.opt, self._batch
         params = list(grads)
-        fmodel = FunctionalModel(opt.model, opt.output_fn, params, batch.layout)
+        fmodel = FunctionalModel(opt.model, opt.output_fn, params, batch.layout,
+                                 values=opt._sharding.whole(params))  # θ whole (FSDP2)
         first = opt.param_groups[0]
         shift = opt.damping_of(first)
         if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
             shift += first["weight_decay"]
-        with opt._capture.paused():
+        with opt._own_forwards():
             inputs = batch.inputs()
             fisher = fisher_operator(
                 fmodel, inputs, opt.loss_spec, frozen_buffers=True, valid=batch.valid_rows()
@@ -155,6 +156,7 @@ class NGDCG(CurvatureOptimizer):
     """
 
     data_parallel = True
+    fully_sharded = True
 
     def __init__(
         self,

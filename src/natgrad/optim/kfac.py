@@ -63,6 +63,9 @@ class KFAC(CurvatureOptimizer):
     then takes the same step: parameters stay identical, and the run matches one process
     on the concatenated batch up to rounding. Labels for the true Fisher are drawn with
     ``seed + rank``. Without a process group, or at world size 1, nothing is communicated.
+    A model sharded with FSDP2's ``fully_shard`` trains the same way, losslessly: the step
+    runs on whole (all-gathered) gradients and parameters and each rank applies its shard of
+    the update (:mod:`natgrad.distributed.fsdp`, docs/distributed.md).
 
     Args:
         model: the module being trained.
@@ -112,7 +115,10 @@ class KFAC(CurvatureOptimizer):
         inverse_placement: under data parallelism, ``"balanced"`` computes each block's
             inverse (or eigenbasis) on one rank, chosen to balance the cost Σ d³ per rank,
             and broadcasts it; ``"everywhere"`` computes every inverse on every rank and
-            broadcasts nothing (W-fold compute, no inverse traffic). Ignored on one process.
+            broadcasts nothing (W-fold compute, no inverse traffic); ``"owner"`` keeps each
+            block's factors and inverses on its owner only, which preconditions and broadcasts
+            the block's direction every step (about 1/W of the state per rank; not EKFAC).
+            Ignored on one process.
         process_group: the ``torch.distributed`` group of the data-parallel ranks (default:
             the default group, if one is initialised).
         curvature_rows: rows of the batch on which the quadratic model (``"auto"``
@@ -140,6 +146,7 @@ class KFAC(CurvatureOptimizer):
     """
 
     data_parallel = True
+    fully_sharded = True
     _block_type: type[KroneckerBlock] = KroneckerBlock
 
     def __init__(
