@@ -18,7 +18,7 @@ EXPECTED = {  # input shape, target shape (per example), likelihood
     "digits-cnn": ((1, 8, 8), (), "categorical"),
     "mnist-autoencoder": ((784,), (784,), "bernoulli"),
     "regression": ((10,), (1,), "gaussian"),
-    "markov-lm": ((32,), (32,), "categorical"),
+    "char-gpt": ((32,), (32,), "categorical"),
 }
 
 
@@ -49,13 +49,13 @@ def test_data_loads_offline(name: str, offline: None) -> None:
     assert 0.15 < data.x_test.shape[0] / (data.num_train + data.x_test.shape[0]) < 0.25
     for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
         assert torch.isfinite(tensor.double()).all()
-    if name == "markov-lm":  # tokens in, next tokens out
+    if name == "char-gpt":  # characters in, next characters out
         assert data.x_train.dtype == data.y_train.dtype == torch.int64
-        assert set(data.x_train.unique().tolist()) == set(range(16))
+        assert 0 <= data.x_train.min() and data.x_train.max() < 97
         assert torch.equal(data.x_train[:, 1:], data.y_train[:, :-1])
     elif likelihood != "gaussian":  # images scaled to [0, 1]
         assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
-    if likelihood == "categorical" and name != "markov-lm":
+    if likelihood == "categorical" and name != "char-gpt":
         assert data.y_train.dtype == torch.int64
         assert set(data.y_train.tolist()) == set(range(10))
     else:
@@ -67,9 +67,9 @@ def test_data_loads_offline(name: str, offline: None) -> None:
     model = problem.build_model()
     with torch.no_grad():
         loss = problem.compute_loss(model(data.x_train[:8]), data.y_train[:8])
-        if name == "markov-lm":  # the token mean, as language-model scripts write it
+        if name == "char-gpt":  # the token mean, as language-model scripts write it
             logits = model(data.x_train[:8])
-            expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 16),
+            expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97),
                                                          data.y_train[:8].reshape(-1))
             assert torch.equal(loss, expected)
     assert loss.shape == () and math.isfinite(float(loss))
@@ -120,19 +120,6 @@ def test_losses_are_torch_modules_natgrad_takes_as_loss() -> None:
             nll = -torch.distributions.Normal(logits, 1.0).log_prob(targets).mean()
             constant = 0.5 * math.log(2 * math.pi)
             assert torch.allclose(problem.loss(logits, targets), 2 * (nll - constant)), name
-
-
-def test_markov_text_has_the_entropy_floor_it_reports() -> None:
-    """The entropy rate is a property of the chain: the loss of the true next-token
-    distribution on the generated text equals it up to sampling noise."""
-    import numpy as np
-
-    from natgrad.bench.data import _markov_chain, _markov_text, markov_entropy
-
-    probs, tokens = _markov_chain(), _markov_text()
-    nll = -np.log(probs[tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:]]).mean()
-    assert 0.5 < markov_entropy() < math.log(16)
-    assert abs(nll - markov_entropy()) < 0.02
 
 
 def test_dataset_loss_is_the_mean_over_chunks() -> None:

@@ -4,7 +4,7 @@ Every loader takes a seed and returns a :class:`Dataset` whose train/test split 
 function of that seed (a NumPy permutation), so every optimizer of one run sees the same
 data, and two runs with the same seed see the same split.
 
-Sources (all ship inside the ``bench`` extra's packages):
+Sources (all ship inside the ``bench`` extra's packages or with Python itself):
 
 * scikit-learn ``load_digits``: 1,797 8×8 grey-scale digits, pixel values 0…16, scaled to
   [0, 1] by dividing by 16.
@@ -13,36 +13,79 @@ Sources (all ship inside the ``bench`` extra's packages):
 * scikit-learn ``load_diabetes``: 442 patients, 10 features and a disease-progression
   target; features and target are standardised with the training split's mean and
   standard deviation.
-* generated text: 2,048 sequences of 33 tokens from a fixed random second-order Markov chain
-  over 16 symbols (next-token distributions drawn from a sparse Dirichlet), so a language
-  model has structure to learn and a known entropy floor (:func:`markov_entropy`).
+* Python's standard library: the source of a fixed, sorted list of modules
+  (:data:`STDLIB_FILES`, about 1.1 MB) that CPython 3.10+ installs, read from
+  ``sysconfig.get_paths()["stdlib"]``, as characters (:data:`CHAR_VOCAB`) cut into windows of
+  :data:`CHAR_LENGTH` inputs and their next characters. The text is the running interpreter's
+  own copy, so it differs slightly between Python versions (3.10: 1.06 MB, 3.13: 1.13 MB).
 
 The minibatch order comes from :func:`batch_indices`, also a fixed function of the seed.
 """
 
 from __future__ import annotations
 
+import sysconfig
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
+    "CHAR_LENGTH",
+    "CHAR_VOCAB",
+    "CHAR_VOCAB_SIZE",
+    "STDLIB_FILES",
     "Dataset",
     "batch_indices",
+    "decode_chars",
+    "encode_chars",
     "load_diabetes_regression",
     "load_digits_classification",
     "load_digits_images",
     "load_digits_reconstruction",
-    "load_markov_text",
     "load_mnist_reconstruction",
-    "markov_entropy",
+    "load_stdlib_text",
+    "split_indices",
+    "stdlib_text",
 ]
 
 TEST_FRACTION = 0.2
-MARKOV_VOCAB, MARKOV_LENGTH, MARKOV_SEQUENCES = 16, 32, 2048
+# The standard library's text for `char-gpt`: long-standing modules that CPython installs as
+# these single files (checked on 3.10, 3.11, 3.12 and 3.13; 1.06-1.13 MB), sorted.
+STDLIB_FILES = (
+    "argparse.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "configparser.py",
+    "csv.py",
+    "dataclasses.py",
+    "difflib.py",
+    "fractions.py",
+    "functools.py",
+    "heapq.py",
+    "http/client.py",
+    "ipaddress.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "logging/__init__.py",
+    "pickle.py",
+    "random.py",
+    "shutil.py",
+    "statistics.py",
+    "tempfile.py",
+    "textwrap.py",
+    "threading.py",
+    "urllib/parse.py",
+)
+# Characters: token i < 96 is CHAR_VOCAB[i] (newline, then printable ASCII from the space to
+# "~"); token 96 stands for every other character (non-ASCII letters and symbols, tabs, ...).
+CHAR_VOCAB = "\n" + "".join(chr(code) for code in range(32, 127))
+CHAR_OTHER = len(CHAR_VOCAB)
+CHAR_VOCAB_SIZE = len(CHAR_VOCAB) + 1
+CHAR_LENGTH = 32  # characters per window (inputs; the targets are the next 32)
 _EXTRA_HINT = "natgrad's benchmark needs the 'bench' extra: pip install 'natgrad[bench]'"
 
 
@@ -176,40 +219,63 @@ def load_mnist_reconstruction(seed: int) -> Dataset:
     return _reconstruction(_mnist()[0], seed)
 
 
-@lru_cache(maxsize=1)
-def _markov_chain() -> np.ndarray:
-    """Next-token probabilities given the two previous tokens, ``[V, V, V]`` (fixed)."""
-    rng = np.random.RandomState(20261130)
-    return rng.dirichlet(np.full(MARKOV_VOCAB, 0.1), size=(MARKOV_VOCAB, MARKOV_VOCAB))
+@lru_cache(maxsize=2)
+def stdlib_text(root: str | Path | None = None) -> str:
+    """The source of :data:`STDLIB_FILES`, read as UTF-8 (newlines as ``"\\n"``) and joined in
+    that order.
+
+    Args:
+        root: the folder to read; None: this interpreter's ``sysconfig.get_paths()["stdlib"]``.
+
+    Raises:
+        FileNotFoundError: naming the missing files and the folder, if the standard library
+            is installed without some of its sources (e.g. a ``.pyc``-only or zipped build).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    missing = [name for name in STDLIB_FILES if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the char-gpt benchmark reads Python's standard-library sources, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {root} "
+            f"(sysconfig.get_paths()['stdlib']); this Python was installed without them"
+        )
+    return "".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES)
+
+
+def encode_chars(text: str) -> np.ndarray:
+    """Characters → ``int64`` tokens of :data:`CHAR_VOCAB` (:data:`CHAR_OTHER` for the rest)."""
+    table = np.full(128, CHAR_OTHER, dtype=np.int64)
+    table[[ord(char) for char in CHAR_VOCAB]] = np.arange(len(CHAR_VOCAB))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
+    return np.where(codes < 128, table[np.minimum(codes, 127)], CHAR_OTHER)
+
+
+def decode_chars(tokens: np.ndarray | Tensor) -> str:
+    """Tokens → text; :data:`CHAR_OTHER` shows as U+FFFD (the replacement character)."""
+    chars = CHAR_VOCAB + "\ufffd"
+    return "".join(chars[int(token)] for token in np.asarray(tokens).reshape(-1))
 
 
 @lru_cache(maxsize=1)
-def _markov_text() -> np.ndarray:
-    """``[MARKOV_SEQUENCES, MARKOV_LENGTH + 1]`` int64 tokens sampled from the chain."""
-    probs = _markov_chain()
-    rng = np.random.RandomState(7)
-    tokens = np.empty((MARKOV_SEQUENCES, MARKOV_LENGTH + 1), dtype=np.int64)
-    tokens[:, :2] = rng.randint(MARKOV_VOCAB, size=(MARKOV_SEQUENCES, 2))
-    for t in range(2, MARKOV_LENGTH + 1):
-        cdf = probs[tokens[:, t - 2], tokens[:, t - 1]].cumsum(1)
-        uniform = rng.rand(MARKOV_SEQUENCES, 1)
-        tokens[:, t] = np.minimum((cdf < uniform).sum(1), MARKOV_VOCAB - 1)
-    return tokens
+def _stdlib_windows() -> np.ndarray:
+    """``[W, CHAR_LENGTH + 1]`` tokens: window w is characters ``w·L … w·L + L`` of the text
+    (L = :data:`CHAR_LENGTH`; consecutive windows share one character)."""
+    tokens = encode_chars(stdlib_text())
+    count = (len(tokens) - 1) // CHAR_LENGTH
+    starts = np.arange(count)[:, None] * CHAR_LENGTH
+    return tokens[starts + np.arange(CHAR_LENGTH + 1)]
 
 
-def markov_entropy() -> float:
-    """The chain's entropy rate in nats per token (stationary mix estimated on the text):
-    no model of the generated text has a lower expected loss from the third token on."""
-    probs, tokens = _markov_chain(), _markov_text()
-    entropy = -(probs * np.log(np.maximum(probs, 1e-300))).sum(-1)  # [V, V]
-    return float(entropy[tokens[:, :-2], tokens[:, 1:-1]].mean())
+def load_stdlib_text(seed: int) -> Dataset:
+    """Python's own standard-library source as characters: inputs ``[N, 32]`` (``int64``
+    tokens of :data:`CHAR_VOCAB`), targets the next characters ``[N, 32]``.
 
-
-def load_markov_text(seed: int) -> Dataset:
-    """Generated token sequences: inputs ``[N, 32]``, targets the next tokens ``[N, 32]``."""
-    tokens = _markov_text()
-    train, test = split_indices(len(tokens), seed)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    The text of :data:`STDLIB_FILES` is cut into consecutive windows of 33 characters, the
+    windows split into train and validation by :func:`split_indices` (a fifth held out).
+    """
+    windows = _stdlib_windows()
+    train, test = split_indices(len(windows), seed)
+    x, y = windows[:, :-1], windows[:, 1:]
     return Dataset(_tensor(x[train]), _tensor(y[train]), _tensor(x[test]), _tensor(y[test]))
 
 
