@@ -312,6 +312,20 @@ class LayerCapture:
             for call in calls:
                 call.output = None  # the statistics need only δ from here on
 
+    def unscale(self, records: list[ForwardRecord], scale: float) -> None:
+        """Divide what ``records`` hold of the loss's backward by a loss scale (a
+        GradScaler's S): the output gradients and, recorded with ``grad_hooks``, the layers'
+        δ's (natgrad's own sampled-label δ's were never scaled)."""
+        if scale == 1:
+            return
+        for record in records:
+            if record.output_grad is not None:
+                record.output_grad = record.output_grad / scale
+            if self._grad_hooks:
+                for calls in record.calls.values():
+                    for call in calls:
+                        call.grads = [g / scale for g in call.grads]
+
     def take(self) -> list[ForwardRecord]:
         """Records whose backward ran since the last call (others are dropped)."""
         used = [r for r in self.records if r.used]

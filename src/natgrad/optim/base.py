@@ -41,6 +41,7 @@ from natgrad.distributed.fsdp import param_sharding
 from natgrad.layers.capture import LayerCapture
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
+from natgrad.optim.amp import check_grad_scaler, loss_scaling
 from natgrad.optim.control import AutoSettings, QuadraticControl, check_rows
 from natgrad.optim.step import Decision, StepProblem, decide
 
@@ -90,6 +91,8 @@ class CurvatureOptimizer(Optimizer):
 
     data_parallel = False  # communicates through self._comm so that ranks stay identical
     fully_sharded = False  # trains fully_shard (FSDP2) models: whole tensors for the step
+    # GradScaler.step hands the loss scale and overflow flag to step() (natgrad.optim.amp)
+    _step_supports_amp_scaling = True
     preconditioner: Preconditioner
     stat_every: int | None = None  # steps between statistics (None: the capture never gathers)
     kl_clip: float | None = None  # KL-clipping bound of a fixed lr (KFAC, EKFAC)
@@ -107,6 +110,7 @@ class CurvatureOptimizer(Optimizer):
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
         seed: int = 0,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -138,6 +142,7 @@ class CurvatureOptimizer(Optimizer):
             if any(id(p) not in model_params for p in group["params"]):
                 raise ValueError("params must be parameters of model")
         self.model = unwrap_model(model)
+        self.grad_scaler = check_grad_scaler(grad_scaler)
         self.loss_spec = loss_spec
         self.output_fn = output_fn
         self._comm = Communicator(process_group)
@@ -276,11 +281,17 @@ class CurvatureOptimizer(Optimizer):
         if not params:
             return loss
         # the forwards since the last step (taken also when skipping: not for the next step)
-        batch = StepBatch(self._capture.take(), self.loss_spec)
+        records = self._capture.take()
+        scaling = loss_scaling(self)  # a GradScaler's loss scale S: taken out of everything
+        if scaling.grads is not None:
+            for p in params:
+                p.grad.div_(scaling.grads)
+        self._capture.unscale(records, scaling.records)
+        batch = StepBatch(records, self.loss_spec)
         accumulated = self._sharding.whole([p.grad for p in params])  # all-gathered if sharded
         if not _is_finite(loss):
             self._skip("loss")
-        elif not all_finite(accumulated):
+        elif scaling.found_inf or not all_finite(accumulated):
             self._skip("gradient")
         else:
             self._step(batch, params, accumulated)

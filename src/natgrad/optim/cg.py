@@ -135,7 +135,7 @@ class NGDCG(CurvatureOptimizer):
         model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
         decoupled_weight_decay, inverse_method, inverse_placement, process_group,
-        curvature_rows, kfac_approx: as in
+        curvature_rows, kfac_approx, grad_scaler: as in
         :class:`natgrad.KFAC` (statistics serve the preconditioner only).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings (defaults 1,
             0.1 and 1.0: the exact batch Fisher has rank ≤ N·C, and with less damping the
@@ -191,6 +191,7 @@ class NGDCG(CurvatureOptimizer):
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",
+        grad_scaler: Any = None,
     ) -> None:
         spec = resolve_loss(likelihood, loss)
         check_positive_int("cg_max_iters", cg_max_iters)
@@ -206,7 +207,7 @@ class NGDCG(CurvatureOptimizer):
         )
         super().__init__(
             model, params, defaults, spec, output_fn, lm_every, min_damping,
-            initial_damping, process_group, curvature_rows, seed,
+            initial_damping, process_group, curvature_rows, seed, grad_scaler,
         )
         self.cg_max_iters, self.cg_tol = cg_max_iters, cg_tol
         inner = None

@@ -130,6 +130,10 @@ class KFAC(CurvatureOptimizer):
             A is the mean of āāᵀ over samples and positions, G the mean over samples of
             Σₜ δδᵀ) or ``"reduce"`` (each sample's positions are averaged in A and summed in
             G first). Both are exact without sharing; Embedding layers always expand.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 training loop, needed only
+            when it unscales the gradients before its step (``scaler.unscale_(opt)``, to clip
+            them); ``scaler.step(opt)`` alone hands its scale over (see
+            :mod:`natgrad.optim.amp`).
 
     Example:
         >>> opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss())  # automatic lr, momentum, damping
@@ -180,6 +184,7 @@ class KFAC(CurvatureOptimizer):
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",
+        grad_scaler: Any = None,
     ) -> None:
         spec = resolve_loss(likelihood, loss)
         kind, inverse_method, placement = check_statistics(
@@ -194,7 +199,7 @@ class KFAC(CurvatureOptimizer):
         )
         super().__init__(
             model, params, defaults, spec, output_fn, lm_every, min_damping,
-            initial_damping, process_group, curvature_rows, seed,
+            initial_damping, process_group, curvature_rows, seed, grad_scaler,
         )
         self.kl_clip = None if self.auto.lr else kl_clip  # the quadratic model bounds it
         self.stat_every = stat_every

@@ -102,6 +102,7 @@ class NaturalGradient(CurvatureOptimizer):
             batch (ρ ≈ 1 on it) and fails on the next one, so both are higher than K-FAC's.
         curvature_rows: rows of the batch for the quadratic model's Fisher terms (see
             :class:`natgrad.KFAC`).
+        grad_scaler: as in :class:`natgrad.KFAC` (fp16 with ``scaler.unscale_``).
 
     Example:
         >>> opt = natgrad.NaturalGradient(model, lr=0.5, damping=1e-3, loss=nn.CrossEntropyLoss())
@@ -132,6 +133,7 @@ class NaturalGradient(CurvatureOptimizer):
         initial_damping: float = 1.0,
         min_damping: float = 0.1,
         curvature_rows: int | str | None = "auto",
+        grad_scaler: Any = None,
     ) -> None:
         spec = resolve_loss(likelihood, loss)
         if kind == FisherKind.EMPIRICAL.value:
@@ -145,7 +147,7 @@ class NaturalGradient(CurvatureOptimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(
             model, params, defaults, spec, output_fn, lm_every, min_damping,
-            initial_damping, curvature_rows=curvature_rows, seed=seed,
+            initial_damping, curvature_rows=curvature_rows, seed=seed, grad_scaler=grad_scaler,
         )
         self.preconditioner = ExactPreconditioner(self, solver, self.kind, mc_samples)
         self._attach(LayerCapture(
