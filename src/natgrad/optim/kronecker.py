@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from natgrad._checks import (
@@ -477,7 +478,8 @@ def kronecker_curvature(
             )
     fisher = FisherKind(kind)
     ref = params[0]
-    factor_dtype = factor_dtype or ref.dtype
+    # statistics and inverses in at least float32 (bf16 parameters: AᵀA in bf16 breaks eigh)
+    factor_dtype = factor_dtype or torch.promote_types(ref.dtype, torch.float32)
     preconditioner = KroneckerPreconditioner(
         assignment, opt.state, kind=fisher, mc_samples=mc_samples, stat_decay=stat_decay,
         inv_every=inv_every, inverse_method=inverse_method, factor_dtype=factor_dtype,
