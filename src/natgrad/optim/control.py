@@ -166,8 +166,13 @@ class AutoSettings:
 
 
 def _dot(u: Sequence[Tensor], w: Sequence[Tensor]) -> Tensor:
-    """Σᵢ ⟨uᵢ, wᵢ⟩ over lists of same-shaped tensors (no concatenated copies)."""
-    return torch.stack([(a * b).sum() for a, b in zip(u, w, strict=True)]).sum()
+    """Σᵢ ⟨uᵢ, wᵢ⟩ over lists of same-shaped tensors (no concatenated copies), in at least
+    float32."""
+    return torch.stack([(_wide(a) * _wide(b)).sum() for a, b in zip(u, w, strict=True)]).sum()
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 AUTO_ROWS_OUTPUTS = 4096  # "auto": keep ≥ this many output dimensions (rows × outputs)
@@ -267,7 +272,9 @@ class QuadraticControl:
         tangents = [descent] + ([previous] if use_momentum else [])
         stride = row_stride(self.settings.rows, records, fmodel.model)
         outputs, products = _jvps(fmodel, records, batch.inputs(), tangents, stride)
-        dtype = torch.promote_types(outputs.dtype, fmodel.params[0].dtype)
+        # the quadratic model in at least float32 (bf16 parameters: products widened)
+        dtype = torch.promote_types(torch.promote_types(outputs.dtype, fmodel.params[0].dtype),
+                                    torch.float32)
         outputs, products = outputs.to(dtype), [p.to(dtype) for p in products]
         n = outputs.shape[0]
         valid = batch.valid_rows()
