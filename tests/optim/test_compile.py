@@ -3,9 +3,9 @@
 natgrad's hooks run eagerly between the compiled pieces of the forward (graph breaks at
 the watched layers), and natgrad's own products run on the uncompiled module. Checked:
 
-* every optimizer, both Fisher kinds for KFAC and EKFAC, automatic settings: the
-  parameters after a few steps equal the eager run's (the compiler may reorder float
-  operations, so equality up to rounding);
+* every optimizer, both Fisher kinds (NaturalGradient: its exact Fisher), automatic
+  settings: the parameters after a few steps equal the eager run's (the compiler may
+  reorder float operations, so equality up to rounding);
 * ``torch.compile(model)`` handed to the optimizer, ``model.compile()`` in place, the
   ``max-autotune-no-cudagraphs`` mode; ``fullgraph=True`` is an error naming the reason;
 * nn.TransformerEncoderLayer (natgrad's MultiheadAttention forward) compiled;
@@ -80,7 +80,8 @@ CASES = {
     "EKFAC-mc": lambda m: natgrad.EKFAC(m, loss=nn.CrossEntropyLoss()),
     "EKFAC-empirical": lambda m: natgrad.EKFAC(m, loss=nn.CrossEntropyLoss(),
                                                kind="empirical"),
-    "NGDCG": lambda m: natgrad.NGDCG(m, loss=nn.CrossEntropyLoss()),
+    "NGDCG-mc": lambda m: natgrad.NGDCG(m, loss=nn.CrossEntropyLoss()),
+    "NGDCG-empirical": lambda m: natgrad.NGDCG(m, loss=nn.CrossEntropyLoss(), kind="empirical"),
     "NaturalGradient": lambda m: natgrad.NaturalGradient(m, loss=nn.CrossEntropyLoss()),
 }
 
