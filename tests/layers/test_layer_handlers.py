@@ -381,3 +381,22 @@ def test_a_layer_that_is_never_called_is_named_in_a_warning():
     messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
     assert messages == ["these layers were not called in the model's forward, their "
                         "parameters take plain gradient steps until they are: b"]
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv1d(2, 3, 3)], ids=["linear", "conv1d"])
+def test_a_model_that_is_one_layer_gets_its_statistics(layer):
+    """The root module's name is "": its calls were dropped (no statistics, plain gradient
+    steps and an empty "not called" warning)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(layer).to(DTYPE)
+    x = torch.randn(6, *( (5,) if isinstance(layer, nn.Linear) else (2, 7)), dtype=DTYPE)
+    opt = natgrad.KFAC(model, likelihood="gaussian", stat_every=1, inv_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().sum().div(6).backward()
+            opt.step()
+    A, G = natgrad.kfac_factors(model, x, likelihood="gaussian")[""]
+    state = next(s for s in opt.state.values() if isinstance(s, dict) and "input_cov" in s)
+    assert state["input_cov"].shape == A.shape and state["grad_cov"].shape == G.shape

@@ -209,6 +209,7 @@ class LayerCapture:
         self._output_fn = output_fn
         self._on_backward = on_backward
         self._grad_hooks = grad_hooks
+        self._watched = set(handlers)  # "" too when the model itself is one layer
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
         self._paused = False
@@ -226,9 +227,10 @@ class LayerCapture:
                 role = "in" if isinstance(handler, InProjectionHandler) else "out"
                 attention.setdefault(id(handler.attention), (handler.attention, {}))[1][role] = name
                 continue
-            self._handles.append(
-                handler.module.register_forward_hook(_for(handler.module, self._layer_hook(name)))
-            )
+            self._handles.append(handler.module.register_forward_hook(
+                _for(handler.module, self._layer_hook(name)),
+                prepend=True,  # before the model's hook when the model itself is the layer
+            ))
         self._patched: list[nn.Module] = []
         for mha, names in attention.values():  # reports its projections (layers/attention.py)
             mha.forward = attention_forward(  # type: ignore[method-assign]
@@ -255,7 +257,8 @@ class LayerCapture:
         """One call of the layer ``name``: its input and its output (with its graph)."""
         if not (self.gathering and not self._paused and torch.is_grad_enabled()):
             return
-        if not isinstance(output, Tensor) or not isinstance(inputs, Tensor) or not name:
+        if not (isinstance(output, Tensor) and isinstance(inputs, Tensor)
+                and name in self._watched):
             return
         call = Call(inputs.detach(), output)
         if self._grad_hooks and output.requires_grad:
