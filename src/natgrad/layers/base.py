@@ -36,6 +36,19 @@ class LayerHandler:
             if p is not None and p.requires_grad
         ]
 
+    # names of blocks that cover the same parameters for other kinds of call (an attention's
+    # packed in-projection: one block for self-attention, three for cross-attention); each
+    # call feeds one of them, so the others' silence is expected
+    alternatives: tuple[str, ...] = ()
+
+    def row_slice(self, param: Tensor) -> slice | None:
+        """The rows (first dimension) of ``param`` that the block covers, None for all of it.
+
+        Blocks that own row slices of a parameter (an attention's q, k and v rows of its packed
+        in-projection) precondition those rows; :meth:`scatter` returns just those rows.
+        """
+        return None
+
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         """Why ``module`` must use the fallback update instead (None if it is supported)."""
@@ -46,7 +59,8 @@ class LayerHandler:
         raise NotImplementedError
 
     def scatter(self, tensor: Tensor) -> dict[Tensor, Tensor]:
-        """Inverse of :meth:`gather`: parameter-shaped pieces of ``tensor``."""
+        """Inverse of :meth:`gather`: parameter-shaped pieces of ``tensor`` (the block's
+        rows of a parameter it covers partly, see :meth:`row_slice`)."""
         raise NotImplementedError
 
 

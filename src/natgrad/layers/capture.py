@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from natgrad._calls import CallLayout, model_output, record_call
 from natgrad.layers.attention import (
-    AttentionOutputHandler,
-    InProjectionHandler,
+    ATTENTION_HANDLERS,
     attention_forward,
+    attention_handlers,
 )
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.conv import CONV_TYPES, ConvHandler
@@ -97,13 +97,10 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
         if isinstance(module, OPAQUE_TYPES):
             opaque.append(name)
         if isinstance(module, nn.MultiheadAttention):
-            reason = InProjectionHandler.unsupported_reason(module)
+            found, reason = attention_handlers(name, module)
             if reason is not None:
                 reasons[name] = f"MultiheadAttention with {reason}"
-                continue
-            handlers[f"{name}.in_proj"] = InProjectionHandler(module)
-            if module.out_proj.weight.requires_grad:
-                handlers[f"{name}.out_proj"] = AttentionOutputHandler(module.out_proj, module)
+            handlers.update(found)
             continue
         handler_type = _handler_type(module)
         if handler_type is not None:
@@ -118,7 +115,8 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
     owners: dict[int, list[str]] = {}
     for name, handler in handlers.items():
         for p in handler.params:
-            owners.setdefault(id(p), []).append(name)
+            if handler.row_slice(p) is None:  # (row slices: disjoint rows of one layer's)
+                owners.setdefault(id(p), []).append(name)
     by_id = {id(p): n for n, p in model.named_parameters()}
     shared: dict[str, dict[str, LayerHandler]] = {}
     for pid, names in owners.items():
@@ -223,9 +221,9 @@ class LayerCapture:
         ]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
         for name, handler in handlers.items():
-            if isinstance(handler, (InProjectionHandler, AttentionOutputHandler)):
-                role = "in" if isinstance(handler, InProjectionHandler) else "out"
-                attention.setdefault(id(handler.attention), (handler.attention, {}))[1][role] = name
+            if isinstance(handler, ATTENTION_HANDLERS):  # a MultiheadAttention's projection
+                roles = attention.setdefault(id(handler.attention), (handler.attention, {}))[1]
+                roles[handler.role] = name
                 continue
             self._handles.append(handler.module.register_forward_hook(
                 _for(handler.module, self._layer_hook(name)),
@@ -234,7 +232,7 @@ class LayerCapture:
         self._patched: list[nn.Module] = []
         for mha, names in attention.values():  # reports its projections (layers/attention.py)
             mha.forward = attention_forward(  # type: ignore[method-assign]
-                mha, self._record_call, names.get("in", ""), names.get("out", "")
+                mha, self._record_call, names
             )
             self._patched.append(mha)
         if trace:

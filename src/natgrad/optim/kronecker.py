@@ -12,8 +12,8 @@
 ``update`` works on a copy of the state: the moving averages are updated out of place and
 the refreshed inverses written into the copy, so a step that is skipped or rejected after
 ``update`` leaves the optimizer's state exactly as it was (``discard``). The tensors live in
-the optimizer's ``state[first parameter of the block]`` and ``state[p]["fisher_diag"]``, so
-``state_dict()`` saves them.
+the optimizer's ``state[first parameter of the block]`` (:func:`block_state`) and
+``state[p]["fisher_diag"]``, so ``state_dict()`` saves them.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ __all__ = [
     "Assignment",
     "KroneckerPreconditioner",
     "assign_blocks",
+    "block_state",
     "check_statistics",
     "kronecker_curvature",
 ]
@@ -81,6 +82,16 @@ class Assignment:
         """``"module (reason)"`` for every module whose parameters use the fallback."""
         return sorted({f"{n.rsplit('.', 1)[0] or '<model>'} ({self.reasons[n]})"
                        for n in self.fallback})
+
+
+def block_state(state: Any, handler: LayerHandler) -> dict[str, Any]:
+    """Where a block keeps its tensors: ``state[p]`` of its first parameter p, or, for a block
+    over rows of p (:meth:`LayerHandler.row_slice`), ``state[p]["rows a:b"]``."""
+    first = handler.params[0]
+    rows = handler.row_slice(first)
+    if rows is None:
+        return state[first]
+    return state[first].setdefault(f"rows {rows.start}:{rows.stop}", {})
 
 
 def assign_blocks(
@@ -120,7 +131,7 @@ def assign_blocks(
         kind = block_type if isinstance(handler, KroneckerHandler) else DenseBlock
         if getattr(handler, "groups", 1) > 1:  # EKFAC's eigenbasis is not batched over groups
             kind = KroneckerBlock
-        blocks[name] = kind(handler, state[handler.params[0]])
+        blocks[name] = kind(handler, block_state(state, handler))
     fallback = {n: named[n] for n in reasons}
     excluded = {id(named[n]) for n in layers.excluded}
     return Assignment(blocks, fallback, reasons, excluded)
@@ -192,7 +203,8 @@ class KroneckerPreconditioner:
         self.state = state
         self._committed, self._diagonal = None, {}
         for block in self.blocks.values():
-            block.state = self.state[block.handler.params[0]]
+            block.state = block_state(self.state, block.handler)
+        self.sync.prune(self.blocks)  # "owner": a checkpoint holds every rank's blocks
 
     def _diag(self, p: Tensor) -> Tensor | None:
         return self._diagonal.get(p, self.state[p].get("fisher_diag"))
@@ -237,22 +249,38 @@ class KroneckerPreconditioner:
             self._scaling_statistics(batch)
         return True
 
+    def _active(self, block: Block) -> bool:
+        """Refreshed, and not superseded: a block over whole parameters yields to its refreshed
+        alternatives over their rows (a packed attention that has had a cross-attention call,
+        :mod:`natgrad.layers.attention`)."""
+        handler = block.handler
+        if not block.refreshed or handler.row_slice(handler.params[0]) is not None:
+            return block.refreshed
+        return not any(self.blocks[a].refreshed for a in handler.alternatives
+                       if a in self.blocks)
+
     def apply(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         """Δ per parameter: Kronecker, eigenbasis and dense blocks, the diagonal fallback; the
         plain gradient where there is no curvature yet or the module is excluded."""
         directions: dict[Tensor, Tensor] = {}
         for block in self.blocks.values():
             params = block.handler.params
-            if not block.refreshed or not all(p in grads for p in params):
+            if not self._active(block) or not all(p in grads for p in params):
                 continue
             direction = block.precondition(block.handler.gather(grads), self.damping(params[0]))
-            directions.update(block.handler.scatter(direction))
+            for p, piece in block.handler.scatter(direction).items():
+                rows = block.handler.row_slice(p)
+                if rows is None:
+                    directions[p] = piece
+                else:  # the block's rows; rows no block covers keep the gradient
+                    directions.setdefault(p, grads[p].clone())[rows] = piece
         for p in self.fallback:
             diag = self._diag(p)
             if p in grads and diag is not None:
                 directions[p] = grads[p] / (diag + self.damping(p))
         for p, g in grads.items():
             directions.setdefault(p, g)  # excluded parameters, or no statistics yet
+        self.sync.share_directions(self.blocks, directions)  # "owner": Δ from the owners
         return {p: d for p, d in directions.items() if p in grads}
 
     def quadratic(self, vectors: dict[Tensor, Tensor]) -> float:
@@ -260,8 +288,9 @@ class KroneckerPreconditioner:
         total = 0.0
         for block in self.blocks.values():
             params = block.handler.params
-            if block.refreshed and all(p in vectors for p in params):
+            if self._active(block) and all(p in vectors for p in params):
                 total += float(block.quadratic(block.handler.gather(vectors)).double())
+        total = self.sync.sum_owned(total)  # "owner": each rank has its own blocks' part
         for p in self.fallback:
             diag = self._diag(p)
             if p in vectors and diag is not None:
@@ -288,7 +317,9 @@ class KroneckerPreconditioner:
                 new[name] = sums
         if not self._checked_calls and self.warn is not None:
             self._checked_calls = True
-            silent = sorted(set(self.blocks) - set(new) - set(shared))
+            called = set(new) | set(shared)
+            silent = sorted(n for n, b in self.blocks.items() if n not in called
+                            and not called.intersection(b.handler.alternatives))
             if silent:  # e.g. a layer whose weight the model uses through F.linear
                 self.warn("uncalled", "these layers were not called in the model's forward, "
                           "their parameters take plain gradient steps until they are: "
@@ -303,9 +334,11 @@ class KroneckerPreconditioner:
         if not all_finite(values):
             return False
         for name, sums in new.items():
-            self.blocks[name].update(sums, self.stat_decay)
+            if self.sync.keeps(self.blocks, name):  # "owner": on the block's owner only
+                self.blocks[name].update(sums, self.stat_decay)
         for name, uses in shared.items():
-            self.blocks[name].update(uses, self.stat_decay)
+            if self.sync.keeps(self.blocks, name):
+                self.blocks[name].update(uses, self.stat_decay)
         for p, value in diag.items():
             self._diagonal[p] = ema(self.state[p].get("fisher_diag"), value, self.stat_decay)
         return True
@@ -476,6 +509,9 @@ def kronecker_curvature(
                 f"{type(opt).__name__}: no Kronecker-factored block for these modules; their "
                 f"parameters {fallback_effect}: {', '.join(assignment.fallback_modules())}",
             )
+    if placement == "owner" and block_type is EigenBlock:
+        raise ValueError("inverse_placement='owner' is not supported by EKFAC yet: every rank "
+                         "needs the eigenbases for its batch's scaling statistics")
     fisher = FisherKind(kind)
     ref = params[0]
     # statistics and inverses in at least float32 (bf16 parameters: AᵀA in bf16 breaks eigh)
@@ -494,9 +530,13 @@ def kronecker_curvature(
     for name, block in assignment.blocks.items():
         uses = block.handler.uses if isinstance(block, SharedBlock) else {name: block.handler}
         handlers.update(uses)
+    sharding = opt._sharding  # FSDP2: the sampled backward on unsharded weights (else as is)
+    on_backward = None if sampler is None else sharding.sampled_backward(
+        sampler, preconditioner.fallback)
     opt._attach(LayerCapture(
-        opt.model, handlers, opt.output_fn, on_backward=sampler,
+        opt.model, handlers, opt.output_fn, on_backward=on_backward,
         grad_hooks=fisher is FisherKind.EMPIRICAL,
-        trace=opt.auto.enabled and supports_trace(opt.model),
+        # traced tangents read the modules' weights, which FSDP keeps sharded between steps
+        trace=opt.auto.enabled and supports_trace(opt.model) and not sharding.sharded,
     ))
     return preconditioner
