@@ -479,3 +479,39 @@ def test_pytorchs_transformer_layers_get_blocks_and_train(optimizer, name):
         assert names <= set(opt.blocks)
         assert all(opt.blocks[n].refreshed for n in names), names  # the blocks that were fed
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _TwoRanks:
+    """Rank 0 of two, recording the broadcasts (what the owner placement sends)."""
+
+    active, world_size, rank = True, 2, 0
+
+    def __init__(self) -> None:
+        self.broadcasts: list[tuple[int, list[int]]] = []
+
+    def broadcast(self, tensors, src):
+        self.broadcasts.append((src, [id(t) for t in tensors]))
+
+
+def test_owner_placement_gives_an_attentions_blocks_over_one_parameter_one_owner():
+    """inverse_placement="owner": the packed block and the row blocks of in_proj_weight get
+    one owner (the parameter's direction is assembled on that rank), each parameter is
+    broadcast once, by its owner."""
+    from natgrad.distributed.kfac import FactorSync
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention("cross"), nn.Linear(E, E), nn.Linear(E, E)).to(DTYPE)
+    opt = _kfac(model)
+    comm = _TwoRanks()
+    sync = FactorSync(comm, "owner")
+    owners = sync.owners(opt.blocks)
+    rows = {owners[f"0.mha.{r}_proj"] for r in ("in", "q", "k", "v")}
+    assert len(rows) == 1 and set(owners.values()) == {0, 1}  # still spread over both ranks
+    directions = {p: p.detach().clone() for p in model.parameters()}
+    sync.share_directions(opt.blocks, directions)
+    owned = {src: {id(p): p for n, b in opt.blocks.items() if owners[n] == src
+                   for p in b.handler.params} for src in (0, 1)}
+    assert [(src, len(ids)) for src, ids in comm.broadcasts] == [
+        (src, len(owned[src])) for src in (0, 1)]
+    assert comm.broadcasts[0][1] == [id(directions[p]) for p in owned[0].values()]
+    assert sum(len(o) for o in owned.values()) == len(directions)  # each parameter once

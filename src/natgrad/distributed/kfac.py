@@ -147,6 +147,13 @@ class FactorSync:
             costs = [block_cost([s for s in self._shape(n, b) if s is not None])
                      for n, b in blocks.items()]
             owners = balanced_placement(costs, self.comm.world_size)
+            # blocks over one parameter (an attention's packed block and its row blocks) share
+            # the first one's owner: the parameter's direction is assembled on one rank
+            first: dict[int, int] = {}
+            for index, block in enumerate(blocks.values()):
+                ids = [id(p) for p in block.handler.params]
+                owners[index] = next((first[i] for i in ids if i in first), owners[index])
+                first.update(dict.fromkeys(ids, owners[index]))
             self._owners = (key, dict(zip(blocks, owners, strict=True)))
         return self._owners[1]
 
@@ -178,20 +185,21 @@ class FactorSync:
         per owning rank) and every other rank takes them in place.
 
         Raises:
-            ValueError: a parameter in two blocks (each would be broadcast whole).
+            ValueError: a parameter in two blocks on different owners (each would be
+                broadcast whole; :meth:`owners` gives such blocks one owner).
         """
         if not self.on_owners:
             return
         owners, rank = self.owners(blocks), self.comm.rank
-        seen: set[int] = set()
+        owner_of: dict[int, int] = {}
         for name, block in blocks.items():
-            if any(id(p) in seen for p in block.handler.params):
+            if any(owner_of.setdefault(id(p), owners[name]) != owners[name]
+                   for p in block.handler.params):
                 raise ValueError(f"inverse_placement='owner': block {name!r} shares a "
-                                 "parameter with another block")
-            seen.update(id(p) for p in block.handler.params)
+                                 "parameter with a block of another owner")
         for src in range(self.comm.world_size):
-            params = [p for name, block in blocks.items() if owners[name] == src
-                      for p in block.handler.params if p in directions]
+            params = list({id(p): p for name, block in blocks.items() if owners[name] == src
+                           for p in block.handler.params if p in directions}.values())
             if not params:
                 continue
             if rank != src:  # receive into fresh tensors: the gradients are not overwritten
