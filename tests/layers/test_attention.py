@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -515,3 +516,24 @@ def test_owner_placement_gives_an_attentions_blocks_over_one_parameter_one_owner
         (src, len(owned[src])) for src in (0, 1)]
     assert comm.broadcasts[0][1] == [id(directions[p]) for p in owned[0].values()]
     assert sum(len(o) for o in owned.values()) == len(directions)  # each parameter once
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_and_resume_from_an_owner_checkpoint(tmp_path):
+    """A decoder layer and a kdim/vdim attention on two gloo ranks (half of each batch)
+    under every inverse placement end where one process on the whole batch ends; under
+    "owner" (each row block's state on one rank) a checkpoint resumes on one process."""
+    import importlib.util
+
+    import attention_ranks as ranks
+
+    path = Path(__file__).parents[1] / "distributed" / "dist_launch.py"
+    spec = importlib.util.spec_from_file_location("dist_launch", path)
+    dist_launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dist_launch)
+    dist_launch.launch([str(Path(ranks.__file__)), str(tmp_path)])
+    for placement in ranks.PLACEMENTS:
+        two = torch.load(tmp_path / f"{placement}.pt")
+        assert rel_err(two, ranks.run(placement)) <= RTOL_EXACT, placement
+    resumed = ranks.run("owner", resume=str(tmp_path / "checkpoint.pt"))
+    assert rel_err(resumed, torch.load(tmp_path / "owner.pt")) <= RTOL_EXACT

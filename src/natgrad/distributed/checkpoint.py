@@ -59,7 +59,8 @@ def _model_state(model: nn.Module) -> dict[str, Any]:
 
 def _merged_state(state: dict[str, Any], comm: Communicator) -> dict[str, Any]:
     """Every rank's optimizer state in one (on rank 0): per entry the union of the ranks'
-    keys, a key from the lowest rank that has it (the block states only their owners)."""
+    keys, a key from the lowest rank that has it (the block states only their owners; the
+    states of blocks over rows of a parameter, nested in its entry, merged the same way)."""
     import torch.distributed as dist
 
     parts: list[Any] | None = [None] * comm.world_size if comm.rank == 0 else None
@@ -71,7 +72,10 @@ def _merged_state(state: dict[str, Any], comm: Communicator) -> dict[str, Any]:
         for key, entry in part["state"].items():
             target = merged.setdefault(key, {})
             for name, value in entry.items():
-                target.setdefault(name, value)
+                if isinstance(value, dict) and isinstance(target.get(name), dict):
+                    target[name] = {**value, **target[name]}  # a block over rows of the entry
+                else:
+                    target.setdefault(name, value)
     return {**parts[0], "state": merged}
 
 
