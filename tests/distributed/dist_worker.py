@@ -5,8 +5,10 @@
 Run with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (as the tests
 and ``torchrun`` do), it joins a process group (gloo on the CPU, or NCCL on GPU ``RANK`` if
 ``DIST_BACKEND=nccl``), trains each scenario's model under
-``DistributedDataParallel`` on its share of every global batch (rank r takes rows
-[r·N/W, (r+1)·N/W)) and saves the final parameters to ``OUT_DIR/{scenario}-w{W}-r{r}.pt``.
+``DistributedDataParallel`` (or, for the ``fsdp-`` scenarios, sharded with FSDP2's
+``fully_shard`` on every Linear and on the model) on its share of every global batch (rank r
+takes rows [r·N/W, (r+1)·N/W)) and saves the final (whole) parameters to
+``OUT_DIR/{scenario}-w{W}-r{r}.pt``.
 Imported by a test (no process group), :func:`run_scenario` trains the same model on the
 whole global batch in one process: the reference.
 """
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import natgrad
+from natgrad.distributed.checkpoint import load_checkpoint, save_checkpoint
+from natgrad.distributed.fsdp import is_sharded
 
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
@@ -48,6 +52,15 @@ def build_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4), Scale(4)
+    )
+    return model.to(DTYPE)
+
+
+def build_odd_model() -> nn.Module:
+    """build_model with odd widths: FSDP2's dim-0 shards are uneven (4 + 3 rows of 7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 5), Scale(5)
     )
     return model.to(DTYPE)
 
@@ -85,12 +98,17 @@ class Scenario:
     settings: dict[str, Any] = field(default_factory=dict)
     exact: bool = True
     tied: bool = False  # the model with a shared weight
+    sharded: bool = False  # FSDP2 (fully_shard) instead of DDP on several ranks
+    odd: bool = False  # the model with odd widths (uneven shards)
 
 
 SCENARIOS = {
     "kfac-empirical-fixed": Scenario("KFAC", {**EMPIRICAL, **FIXED}),
     "kfac-empirical-fixed-everywhere": Scenario(
         "KFAC", {**EMPIRICAL, **FIXED, "inverse_placement": "everywhere"}
+    ),
+    "kfac-empirical-fixed-owner": Scenario(  # state on owners, KL clipping's sum over them
+        "KFAC", {**EMPIRICAL, **FIXED, "inverse_placement": "owner"}
     ),
     "ekfac-empirical-fixed": Scenario("EKFAC", {**EMPIRICAL, **FIXED}),
     "kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}),
@@ -105,6 +123,40 @@ SCENARIOS = {
     ),
 }
 CHECKPOINTED = "kfac-empirical-auto"  # the scenario of the checkpoint tests
+
+# FSDP2: each mirrors the DDP scenario of the same name without the prefix
+FSDP_SCENARIOS = {
+    f"fsdp-{name}": Scenario(SCENARIOS[name].optimizer, SCENARIOS[name].settings,
+                             SCENARIOS[name].exact, sharded=True)
+    for name in ("kfac-empirical-fixed", "kfac-empirical-auto", "ekfac-empirical-auto",
+                 "ngdcg-empirical-auto", "kfac-true-auto")
+}
+OWNER = {"inverse_placement": "owner"}
+FSDP_SCENARIOS.update({
+    "fsdp-odd-kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, sharded=True,
+                                             odd=True),
+    "fsdp-kfac-owner-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO, **OWNER},
+                                               sharded=True),
+    "fsdp-kfac-owner-true-auto": Scenario("KFAC", {**SCENARIOS["kfac-true-auto"].settings,
+                                                   **OWNER}, exact=False, sharded=True),
+})
+FSDP_CHECKPOINTED = "fsdp-kfac-owner-empirical-auto"
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 on every Linear and on the model (LayerNorm and Scale in the root's group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def whole_params(model: nn.Module) -> list[Tensor]:
+    """The model's parameters as whole tensors on the CPU (all-gathered if sharded)."""
+    return [(p.full_tensor() if is_sharded(p) else p).detach().cpu().clone()
+            for p in model.parameters()]
 
 
 def shard(world: int, rank: int) -> slice:
@@ -121,6 +173,7 @@ def run_scenario(
     resume: Path | None = None,
     save_at: tuple[int, Path] | None = None,
     device: torch.device | None = None,
+    whole_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Train scenario ``name`` for ``steps`` steps on this rank's shard.
 
@@ -128,28 +181,42 @@ def run_scenario(
         device: where to train (default: the CPU).
         resume: a checkpoint (model and optimizer state) to start from; its step count says
             which global batch comes next.
-        save_at: (step, path): rank 0 saves a checkpoint after that many steps.
+        save_at: (step, path): rank 0 saves a checkpoint after that many steps (sharded:
+            every rank its own, to its own path).
+        whole_checkpoint: save with :func:`natgrad.distributed.checkpoint.save_checkpoint`
+            (collective; a sharded model saved whole).
 
     Returns:
         ``params`` (final parameters), ``seed`` (the label generator's seed), ``bytes`` and
         ``calls`` (natgrad's own communication), ``rng`` (the label generator's state).
     """
     device = device or torch.device("cpu")
-    scenario = SCENARIOS[name]
-    model = (build_tied_model() if scenario.tied else build_model()).to(device)
+    scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
+    build = build_tied_model if scenario.tied else build_odd_model if scenario.odd else build_model
+    model = build().to(device)
     start = 0
+    sharded = world > 1 and scenario.sharded
     if resume is not None:
         checkpoint = torch.load(resume, weights_only=False, map_location=device)
-        model.load_state_dict(checkpoint["model"])
+        if not sharded:
+            model.load_state_dict(checkpoint["model"])
         start = checkpoint["step"]
     wrapped = model
-    if world > 1:
+    if sharded:
+        wrapped = model = shard_model(model)
+    elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = getattr(natgrad, scenario.optimizer)(
         wrapped, likelihood="categorical", **scenario.settings
     )
-    if resume is not None:
+    if sharded and resume is not None:
+        if any(is_sharded(v) for v in checkpoint["model"].values()):  # this rank's shards
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:  # whole tensors: each rank takes its shards
+            load_checkpoint(resume, optimizer.communicator, model, optimizer)
+    elif resume is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     inputs, labels = (t.to(device) for t in global_batches(start + steps))
     rows = shard(world, rank)
@@ -157,19 +224,54 @@ def run_scenario(
         optimizer.zero_grad()
         F.cross_entropy(wrapped(inputs[step, rows]), labels[step, rows]).backward()
         optimizer.step()
-        if save_at is not None and step + 1 == save_at[0] and rank == 0:
+        if save_at is not None and step + 1 == save_at[0] and whole_checkpoint:
+            save_checkpoint(save_at[1], optimizer.communicator, model, optimizer, step=step + 1)
+        elif save_at is not None and step + 1 == save_at[0] and (rank == 0 or sharded):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step + 1}
             torch.save(state, save_at[1])
     comm = optimizer.communicator
     return {
-        "params": [p.detach().cpu().clone() for p in model.parameters()],
+        "params": whole_params(model),
         "seed": optimizer._generator.initial_seed(),
         "rng": optimizer._generator.get_state(),
         "bytes": comm.bytes,
         "calls": comm.calls,
         "state": {k: v for k, v in optimizer.global_state.items() if isinstance(v, float)},
+        "block_bytes": block_bytes(optimizer),
     }
+
+
+def block_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the blocks' factors and inverses this rank holds."""
+    from natgrad.distributed.kfac import BLOCK_KEYS
+
+    return sum(value.numel() * value.element_size() for entry in optimizer.state.values()
+               for key, value in entry.items()
+               if isinstance(value, Tensor) and key.split(".")[0] in BLOCK_KEYS)
+
+
+def check_fsdp_errors() -> dict[str, str]:
+    """What the optimizers say about sharded models they do not support (message by case)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    messages = {}
+    cases = {
+        "EKFAC-owner": lambda: natgrad.EKFAC(shard_model(build_model()),
+                                             inverse_placement="owner"),
+        "NaturalGradient": lambda: natgrad.NaturalGradient(shard_model(build_model())),
+        "hsdp": lambda: natgrad.KFAC(  # a 2-D mesh: (Replicate, Shard(0)) placements
+            fully_shard(build_model(), mesh=init_device_mesh("cpu", (1, 2),
+                                                             mesh_dim_names=("r", "s"))),
+        ),
+    }
+    for case, make in cases.items():
+        try:
+            make()
+        except (TypeError, ValueError) as error:
+            messages[case] = f"{type(error).__name__}: {error}"
+    return messages
 
 
 def check_communicator(device: torch.device) -> dict[str, Any]:
@@ -223,6 +325,23 @@ def main(argv: list[str]) -> None:
                 path = out / f"checkpoint-w{world}.pt"
                 result = run_scenario(CHECKPOINTED, world=world, rank=rank,
                                       save_at=(CHECKPOINT_STEP, path), device=device)
+            elif name == "fsdp-errors":
+                result = check_fsdp_errors()
+            elif name == "fsdp-checkpoint":  # every rank saves its shards, keeps going
+                path = out / f"fsdp-state-w{world}-r{rank}.pt"
+                result = run_scenario(FSDP_CHECKPOINTED, world=world, rank=rank,
+                                      save_at=(CHECKPOINT_STEP, path), device=device)
+            elif name == "fsdp-save":  # saved whole by natgrad's checkpoint (any world size)
+                result = run_scenario(FSDP_CHECKPOINTED, world=world, rank=rank, device=device,
+                                      save_at=(CHECKPOINT_STEP, out / "fsdp-whole.pt"),
+                                      whole_checkpoint=True)
+            elif name == "fsdp-resume-w1":  # a one-process checkpoint continued sharded
+                result = run_scenario(FSDP_CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,
+                                      resume=out / "checkpoint-w1.pt", device=device)
+            elif name == "fsdp-resume":  # continue from those shards
+                result = run_scenario(FSDP_CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,
+                                      resume=out / f"fsdp-state-w{world}-r{rank}.pt",
+                                      device=device)
             elif name == "resume":  # continue a one-process run's checkpoint on W ranks
                 result = run_scenario(CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,
                                       resume=out / "checkpoint-w1.pt", device=device)

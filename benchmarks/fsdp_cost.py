@@ -1,0 +1,112 @@
+"""KFAC under FSDP2 (``fully_shard``) on W gloo processes: natgrad's bytes per step and memory.
+
+    python benchmarks/fsdp_cost.py --world 1 2 4 --steps 20 --placement balanced owner
+
+Trains an MLP (784 → 256 → 128 → 10, float32, ``fully_shard`` on each Linear and on the
+model for W > 1) with ``natgrad.KFAC``'s defaults and each ``inverse_placement`` on a global
+batch of 256 random examples split over the ranks, and prints per placement and W: natgrad's
+own communication per step (payload bytes a rank contributes, from
+``optimizer.communicator``; FSDP's own all-gathers and reduce-scatters come on top),
+natgrad's optimizer state on the fullest and the emptiest rank (factors, inverses, momentum:
+every tensor in ``optimizer.state``), the parameters a rank holds (its shards) and the time
+per step. The last line is the JSON of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.distributed.launch import init_from_env, spawn
+
+BATCH = 256
+
+
+def _bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return local.numel() * local.element_size()
+    if isinstance(value, dict):
+        return sum(_bytes(v) for v in value.values())
+    return 0
+
+
+def worker(steps: int, placement: str, out: str) -> None:
+    """One rank: train, then write this rank's figures to ``out/rank{r}.json``."""
+    torch.set_num_threads(1)
+    init_from_env("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 128), nn.Tanh(),
+                          nn.Linear(128, 10))
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module)
+        fully_shard(model)
+    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), inverse_placement=placement)
+    gen = torch.Generator().manual_seed(1)
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    start = time.perf_counter()
+    for _ in range(steps):
+        x = torch.randn(BATCH, 784, generator=gen)
+        y = torch.randint(0, 10, (BATCH,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+    seconds = (time.perf_counter() - start) / steps
+    figures = {
+        "world": world, "rank": rank, "placement": placement,
+        "natgrad_bytes_per_step": opt.communicator.bytes / steps,
+        "natgrad_calls_per_step": opt.communicator.calls / steps,
+        "state_bytes": sum(_bytes(s) for s in opt.state.values()),  # the largest rank's
+        "param_bytes": sum(_bytes(p) for p in model.parameters()),
+        "seconds_per_step": seconds,
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(figures))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--placement", nargs="+", default=["balanced", "owner"],
+                        choices=["balanced", "everywhere", "owner"])
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for placement in args.placement:
+        for world in args.world:
+            with tempfile.TemporaryDirectory() as out:
+                spawn(worker, world, (args.steps, placement, out))
+                ranks = [json.loads(Path(out, f"rank{r}.json").read_text())
+                         for r in range(world)]
+            row = {key: max(r[key] for r in ranks) for key in ranks[0] if key != "rank"}
+            row["min_state_bytes"] = min(r["state_bytes"] for r in ranks)
+            rows.append(row)
+    print(f"{'placement':>10} {'W':>3} {'natgrad B/step':>15} {'calls/step':>11} "
+          f"{'state B, max rank':>18} {'min rank':>10} {'params B/rank':>14} {'s/step':>8}")
+    for r in rows:
+        print(f"{r['placement']:>10} {r['world']:>3} {r['natgrad_bytes_per_step']:>15,.0f} "
+              f"{r['natgrad_calls_per_step']:>11.1f} {r['state_bytes']:>18,} "
+              f"{r['min_state_bytes']:>10,} "
+              f"{r['param_bytes']:>14,} {r['seconds_per_step']:>8.3f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

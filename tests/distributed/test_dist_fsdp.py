@@ -1,0 +1,144 @@
+"""KFAC, EKFAC and NGDCG on models sharded with FSDP2 (``fully_shard``): 2 gloo processes.
+
+One launch (module fixture) runs the ``fsdp-`` scenarios of :mod:`dist_worker` (every Linear
+and the model wrapped with ``fully_shard``, parameters DTensors sharded on dim 0), the DDP
+scenarios they mirror, a sharded checkpoint and its resumption, and the optimizers' errors
+for sharded models they do not support. Checked: the ranks' whole (all-gathered) parameters
+are bit-identical; the runs equal one process on the concatenated batch (float64, relative
+error ≤ RTOL_EXACT) where the run is deterministic, and the DDP run of the same scenario in
+every case (the true Fisher's sampled labels included: both draw with seed + rank); natgrad's
+own traffic is DDP's plus two all-gathers of the padded shards per step; with
+``inverse_placement="owner"`` each block's factors and inverses are on exactly one rank; a
+run resumed from its ranks' own state dicts continues bit for bit; natgrad's checkpoint (the
+sharded model saved whole) moves between one process and two sharded ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from dist_launch import HERE, launch
+from dist_worker import (
+    CHECKPOINT_STEP,
+    FSDP_CHECKPOINTED,
+    FSDP_SCENARIOS,
+    STEPS,
+    build_model,
+    run_scenario,
+)
+
+from conftest import RTOL_EXACT, rel_err
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+EXACT = [name for name, s in FSDP_SCENARIOS.items() if s.exact]
+# sharded scenario -> the DDP scenario it must equal
+MIRRORED = {"fsdp-kfac-empirical-auto": "kfac-empirical-auto",
+            "fsdp-kfac-true-auto": "kfac-true-auto",
+            "fsdp-kfac-owner-true-auto": "kfac-true-auto"}
+WORLD = 2
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in params])
+
+
+def _one_process(name: str, **kwargs: Any) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback notice
+        result = run_scenario(name, **kwargs)
+    torch.set_num_threads(threads)
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the two-rank results (and of a one-process checkpoint they resume)."""
+    out = tmp_path_factory.mktemp("dist_fsdp")
+    _one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, out / "checkpoint-w1.pt"))
+    ddp = sorted(set(MIRRORED.values()))
+    launch([str(HERE / "dist_worker.py"), str(out), *FSDP_SCENARIOS, *ddp, "fsdp-checkpoint",
+            "fsdp-resume", "fsdp-save", "fsdp-resume-w1", "fsdp-errors"], world=WORLD)
+    return out
+
+
+def _ranks(out: Path, name: str) -> tuple[Any, ...]:
+    return tuple(torch.load(out / f"{name}-w{WORLD}-r{r}.pt", weights_only=False)
+                 for r in range(WORLD))
+
+
+@pytest.mark.parametrize("name", [*FSDP_SCENARIOS, "fsdp-resume", "fsdp-resume-w1"])
+def test_ranks_take_identical_steps(runs: Path, name: str) -> None:
+    first, second = _ranks(runs, name)
+    for a, b in zip(first["params"], second["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_equals_one_process_on_concatenated_batch(runs: Path, name: str) -> None:
+    expected = _flat(_one_process(name)["params"])
+    start = _flat(_one_process(name, steps=0)["params"])
+    assert rel_err(expected, start) > 0.1  # the runs went somewhere
+    for result in _ranks(runs, name):
+        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("name", MIRRORED)
+def test_equals_ddp(runs: Path, name: str) -> None:
+    for sharded, replicated in zip(_ranks(runs, name), _ranks(runs, MIRRORED[name]),
+                                   strict=True):
+        assert rel_err(_flat(sharded["params"]), _flat(replicated["params"])) <= RTOL_EXACT
+
+
+def test_traffic_is_ddp_plus_two_all_gathers_per_step(runs: Path) -> None:
+    # each step all-gathers the gradient and the parameters: every parameter's dim-0 shard
+    # padded to ⌈d₀/W⌉ rows, float64; the rest (statistics, inverses, the quadratic model's
+    # terms) is the data-parallel exchange, byte for byte
+    shard = sum(math.ceil(p.shape[0] / WORLD) * p[0].numel() for p in build_model().parameters())
+    for name in ("fsdp-kfac-empirical-auto", "fsdp-kfac-true-auto"):
+        sharded, _ = _ranks(runs, name)
+        replicated, _ = _ranks(runs, MIRRORED[name])
+        assert sharded["bytes"] - replicated["bytes"] == STEPS * 2 * shard * 8
+        assert sharded["calls"] - replicated["calls"] == STEPS * 2
+
+
+def test_owner_placement_holds_each_block_once(runs: Path) -> None:
+    # "owner": every block's factors and inverses on exactly one rank, none elsewhere;
+    # "balanced": every block on every rank
+    whole = _one_process("fsdp-kfac-empirical-auto")["block_bytes"]
+    assert whole > 0
+    assert all(r["block_bytes"] == whole for r in _ranks(runs, "fsdp-kfac-empirical-auto"))
+    owned = [r["block_bytes"] for r in _ranks(runs, "fsdp-kfac-owner-empirical-auto")]
+    assert sum(owned) == whole and all(0 < b < whole for b in owned)
+
+
+def test_sharded_checkpoint_resumes_bit_for_bit(runs: Path) -> None:
+    uninterrupted, _ = _ranks(runs, "fsdp-checkpoint")
+    for resumed in _ranks(runs, "fsdp-resume"):
+        assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+
+
+def test_whole_checkpoint_moves_between_one_process_and_sharded(runs: Path) -> None:
+    expected = _flat(_one_process(FSDP_CHECKPOINTED)["params"])
+    # two sharded ranks saved whole after CHECKPOINT_STEP steps; one process continues
+    resumed = _one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
+                           resume=runs / "fsdp-whole.pt")
+    assert rel_err(_flat(resumed["params"]), expected) <= RTOL_EXACT
+    # one process saved; two sharded ranks continue
+    for result in _ranks(runs, "fsdp-resume-w1"):
+        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+
+
+def test_unsupported_sharded_models_are_named(runs: Path) -> None:
+    messages, _ = _ranks(runs, "fsdp-errors")
+    assert messages["EKFAC-owner"].startswith("ValueError: inverse_placement='owner'")
+    assert messages["NaturalGradient"].startswith("TypeError: NaturalGradient does not")
+    assert messages["hsdp"].startswith("ValueError: model: parameter")
+    assert "1-D mesh" in messages["hsdp"]
