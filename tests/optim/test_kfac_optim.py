@@ -483,3 +483,34 @@ def test_invalid_param_group_settings():
         opt.add_param_group({"params": model[2].parameters(), "damping": -1.0})
     with pytest.raises(ValueError, match="params"):
         natgrad.KFAC(model, params=[nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["head", "tied-embedding-head"])
+def test_a_block_larger_than_max_factor_size_takes_the_diagonal(tied):
+    """A language model's head has a V × V factor: above max_factor_size it is not formed
+    (it would not fit for V in the tens of thousands); the parameters take the diagonal."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(40, 6), nn.Linear(6, 40, bias=False)
+    if tied:
+        head.weight = embedding.weight
+    model = nn.Sequential(embedding, nn.Linear(6, 6), nn.Tanh(), head).to(DTYPE)
+    tokens = torch.randint(0, 40, (8, 5))
+    for limit, fallback in ((32, True), (40, False), (None, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), max_factor_size=limit)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        named = any("40×40 curvature factor (max_factor_size=32)" in m for m in messages)
+        assert named == fallback, messages
+        blocks = opt.preconditioner.blocks
+        assert any("3" in name for name in blocks) != fallback  # the head's block
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 40), tokens.reshape(-1))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(v) for v in losses)
+    with pytest.raises(ValueError, match="max_factor_size"):
+        natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), max_factor_size=0)

@@ -135,7 +135,7 @@ class NGDCG(CurvatureOptimizer):
         model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
         decoupled_weight_decay, inverse_method, inverse_placement, process_group,
-        curvature_rows, kfac_approx, grad_scaler: as in
+        curvature_rows, kfac_approx, grad_scaler, max_factor_size: as in
         :class:`natgrad.KFAC` (statistics serve the preconditioner only).
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings (defaults 1,
             0.1 and 1.0: the exact batch Fisher has rank ≤ N·C, and with less damping the
@@ -192,8 +192,11 @@ class NGDCG(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",
         grad_scaler: Any = None,
+        max_factor_size: int | None = 8192,
     ) -> None:
         spec = resolve_loss(likelihood, loss)
+        if max_factor_size is not None:
+            check_positive_int("max_factor_size", max_factor_size)
         check_positive_int("cg_max_iters", cg_max_iters)
         check_positive("cg_tol", cg_tol)
         preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
@@ -223,6 +226,6 @@ class NGDCG(CurvatureOptimizer):
                 inverse_method=inverse_method, factor_dtype=factor_dtype,
                 inverse_dtype=inverse_dtype, placement=placement, kfac_approx=kfac_approx,
                 fallback_effect="are preconditioned in CG by the diagonal Fisher instead",
-                diagonal_only=preconditioner == "diagonal",
+                diagonal_only=preconditioner == "diagonal", max_factor_size=max_factor_size,
             )
         self.preconditioner = ConjugateGradientSolve(self, inner, cg_max_iters, cg_tol)

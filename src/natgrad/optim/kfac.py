@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natgrad._checks import check_positive
+from natgrad._checks import check_positive, check_positive_int
 from natgrad.curvature.ekfac import EigenBlock
 from natgrad.curvature.kfac import KroneckerBlock
 from natgrad.likelihoods import Likelihood
@@ -131,6 +131,10 @@ class KFAC(CurvatureOptimizer):
             A is the mean of āāᵀ over samples and positions, G the mean over samples of
             Σₜ δδᵀ) or ``"reduce"`` (each sample's positions are averaged in A and summed in
             G first). Both are exact without sharing; Embedding layers always expand.
+        max_factor_size: the largest side of a block's dense matrices (default 8192: 256 MB
+            each in float32); a layer with a larger factor — a language model's output head
+            and tied embedding with a vocabulary of V > 8192 have a V × V one — takes the
+            diagonal Fisher instead (named in the fallback warning). None: no limit.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 training loop, needed only
             when it unscales the gradients before its step (``scaler.unscale_(opt)``, to clip
             them); ``scaler.step(opt)`` alone hands its scale over (see
@@ -186,8 +190,11 @@ class KFAC(CurvatureOptimizer):
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",
         grad_scaler: Any = None,
+        max_factor_size: int | None = 8192,
     ) -> None:
         spec = resolve_loss(likelihood, loss)
+        if max_factor_size is not None:
+            check_positive_int("max_factor_size", max_factor_size)
         kind, inverse_method, placement = check_statistics(
             kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
             inverse_dtype, inverse_placement, kfac_approx,
@@ -210,6 +217,7 @@ class KFAC(CurvatureOptimizer):
             inverse_method=inverse_method, factor_dtype=factor_dtype,
             inverse_dtype=inverse_dtype, placement=placement, kfac_approx=kfac_approx,
             fallback_effect="get a diagonal-Fisher update instead",
+            max_factor_size=max_factor_size,
         )
 
     @property

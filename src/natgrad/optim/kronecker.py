@@ -46,7 +46,7 @@ from natgrad.curvature.model import FisherKind
 from natgrad.curvature.sampling import LabelSampler
 from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.curvature.tangents import supports_trace
-from natgrad.distributed.kfac import FactorSync
+from natgrad.distributed.kfac import FactorSync, statistic_shapes
 from natgrad.distributed.placement import PLACEMENTS
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.capture import LayerCapture, find_layers
@@ -94,12 +94,23 @@ def block_state(state: Any, handler: LayerHandler) -> dict[str, Any]:
     return state[first].setdefault(f"rows {rows.start}:{rows.stop}", {})
 
 
+def factor_side(handler: LayerHandler) -> int:
+    """The largest side of a block's dense matrices (its Kronecker factors, or the dense
+    block of a norm layer); a diagonal input factor (Embedding) does not count."""
+    input_shape, grad_shape = statistic_shapes(handler)
+    sides = [grad_shape[-1]]
+    if input_shape is not None and len(input_shape) > 1:
+        sides.append(input_shape[-1])
+    return max(sides)
+
+
 def assign_blocks(
     model: nn.Module,
     params: Iterable[Tensor],
     exclude: Iterable[str | type],
     block_type: type[KroneckerBlock],
     state: Any,
+    max_factor_size: int | None = None,
 ) -> Assignment:
     """A block per supported layer whose parameters are all in ``params``; the rest of
     ``params`` falls back to the diagonal Fisher, except those of ``exclude``-d modules.
@@ -107,7 +118,17 @@ def assign_blocks(
     :class:`natgrad.curvature.shared.SharedBlock`.
 
     ``state`` is the optimizer's per-parameter state (``state[p]`` holds each block's tensors).
+    A block with a dense matrix larger than ``max_factor_size`` on a side (a language model's
+    output head: V × V) is not formed; its parameters fall back to the diagonal.
     """
+
+    def too_large(handler: LayerHandler) -> str | None:
+        side = factor_side(handler)
+        if max_factor_size is None or side <= max_factor_size:
+            return None
+        return (f"{type(handler.module).__name__} with a {side}×{side} curvature factor "
+                f"(max_factor_size={max_factor_size})")
+
     layers = find_layers(model, exclude)
     mine = {id(p) for p in params}
     named = dict(model.named_parameters())
@@ -116,6 +137,10 @@ def assign_blocks(
     for pname, uses in layers.shared.items():
         if id(named[pname]) in mine:
             handler = SharedHandler(named[pname], dict(uses))
+            why = too_large(handler)
+            if why is not None:
+                reasons[pname] = f"{why}, tied weights"
+                continue
             blocks["+".join(uses)] = SharedBlock(handler, state[named[pname]])
     for name, handler in layers.handlers.items():
         optimized = [id(p) in mine for p in handler.params]
@@ -126,6 +151,12 @@ def assign_blocks(
                    "optimizer")
             for pname, p in named.items():
                 if id(p) in mine and any(p is q for q in handler.params):
+                    reasons[pname] = why
+            continue
+        why = too_large(handler)
+        if why is not None:
+            for pname, p in named.items():
+                if any(p is q for q in handler.params):
                     reasons[pname] = why
             continue
         kind = block_type if isinstance(handler, KroneckerHandler) else DenseBlock
@@ -491,6 +522,7 @@ def kronecker_curvature(
     fallback_effect: str,
     kfac_approx: str = "expand",
     diagonal_only: bool = False,
+    max_factor_size: int | None = None,
 ) -> KroneckerPreconditioner:
     """K-FAC's curvature for ``opt``: the blocks of its model's layers (or, with
     ``diagonal_only``, the diagonal Fisher of every parameter), and the hooks that feed them
@@ -502,7 +534,8 @@ def kronecker_curvature(
         assignment = Assignment({}, {named[id(p)]: p for p in params},
                                 {named[id(p)]: "diagonal preconditioner" for p in params}, set())
     else:
-        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state)
+        assignment = assign_blocks(opt.model, params, exclude, block_type, opt.state,
+                                   max_factor_size)
         if assignment.fallback:
             opt._warn_once(
                 "fallback",
