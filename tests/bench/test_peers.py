@@ -23,6 +23,12 @@ def test_hidden_matrices_are_the_inner_linear_weights():
     assert [id(p) for p in hidden_matrices(m)] == [id(m[2].weight), id(m[4].weight)]
 
 
+def test_after_an_embedding_the_first_linear_is_hidden():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 10))
+    assert [id(p) for p in hidden_matrices(m)] == [id(m[1].weight)]
+
+
 def test_muon_steps_each_part_as_its_own_optimizer_would():
     m, reference = model(), model()
     opt = muon(m, lr=0.01)

@@ -58,9 +58,13 @@ class Combined:
 
 
 def hidden_matrices(model: nn.Module) -> list[Tensor]:
-    """The 2-D weights of the model's ``nn.Linear`` layers but the first and the last."""
+    """The 2-D weights of the model's hidden ``nn.Linear`` layers: all but the output layer
+    (the last) and the input layer (the first, unless an ``nn.Embedding`` reads the input,
+    as in a transformer, whose first Linear is then hidden)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [m.weight for m in linears[1:-1] if m.weight.requires_grad]
+    embedded = any(isinstance(m, nn.Embedding) for m in model.modules())
+    hidden = linears[:-1] if embedded else linears[1:-1]
+    return [m.weight for m in hidden if m.weight.requires_grad]
 
 
 def muon(model: nn.Module, lr: float = 0.02) -> Combined:
