@@ -100,6 +100,7 @@ class Scenario:
     tied: bool = False  # the model with a shared weight
     sharded: bool = False  # FSDP2 (fully_shard) instead of DDP on several ranks
     odd: bool = False  # the model with odd widths (uneven shards)
+    kept: bool = False  # FSDP keeps the parameters unsharded after backward
 
 
 SCENARIOS = {
@@ -137,20 +138,26 @@ FSDP_SCENARIOS.update({
                                              odd=True),
     "fsdp-kfac-owner-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO, **OWNER},
                                                sharded=True),
+    "fsdp-kept-kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, sharded=True,
+                                              kept=True),
     "fsdp-kfac-owner-true-auto": Scenario("KFAC", {**SCENARIOS["kfac-true-auto"].settings,
                                                    **OWNER}, exact=False, sharded=True),
 })
 FSDP_CHECKPOINTED = "fsdp-kfac-owner-empirical-auto"
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """FSDP2 on every Linear and on the model (LayerNorm and Scale in the root's group)."""
+def shard_model(model: nn.Module, kept: bool = False) -> nn.Module:
+    """FSDP2 on every Linear and on the model (LayerNorm and Scale in the root's group);
+    ``kept``: the parameters stay unsharded after backward (resharded at the next forward)."""
     from torch.distributed.fsdp import fully_shard
 
     for module in model:
         if isinstance(module, nn.Linear):
             fully_shard(module)
-    return fully_shard(model)
+    model = fully_shard(model)
+    if kept:
+        model.set_reshard_after_backward(False)
+    return model
 
 
 def whole_params(model: nn.Module) -> list[Tensor]:
@@ -203,7 +210,7 @@ def run_scenario(
         start = checkpoint["step"]
     wrapped = model
     if sharded:
-        wrapped = model = shard_model(model)
+        wrapped = model = shard_model(model, scenario.kept)
     elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -131,7 +131,13 @@ class ShardedParams(WholeParams):
 
     def whole(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Whole tensors of dim-0 sharded DTensors (others as they are): per dtype one
-        all-gather of every tensor's shard padded to c rows, unpadded after."""
+        all-gather of every tensor's shard padded to c rows, unpadded after.
+
+        The modules hold their sharded parameters from here on: one kept unsharded after
+        backward (``set_reshard_after_backward(False)``) is resharded, since natgrad finds
+        the parameters it swaps by the sharded ones' identity.
+        """
+        self._reshard()
         out: list[Tensor] = list(tensors)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -156,6 +162,13 @@ class ShardedParams(WholeParams):
                 out[i] = torch.cat(pieces)[: t.shape[0]]
                 offset += size
         return out
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # no communication; a no-op when already sharded
 
     def shard(self, params: Sequence[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
         """This rank's rows of each whole tensor, for the sharded ``params`` (others whole)."""
