@@ -101,6 +101,7 @@ class Scenario:
     sharded: bool = False  # FSDP2 (fully_shard) instead of DDP on several ranks
     odd: bool = False  # the model with odd widths (uneven shards)
     kept: bool = False  # FSDP keeps the parameters unsharded after backward
+    frozen: bool = False  # the LayerNorm's weight does not train (sharded, not optimized)
 
 
 SCENARIOS = {
@@ -140,6 +141,8 @@ FSDP_SCENARIOS.update({
                                                sharded=True),
     "fsdp-kept-kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, sharded=True,
                                               kept=True),
+    "fsdp-frozen-ngdcg-empirical-auto": Scenario("NGDCG", EMPIRICAL, sharded=True,
+                                                 frozen=True),
     "fsdp-kfac-owner-true-auto": Scenario("KFAC", {**SCENARIOS["kfac-true-auto"].settings,
                                                    **OWNER}, exact=False, sharded=True),
 })
@@ -201,6 +204,8 @@ def run_scenario(
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
     build = build_tied_model if scenario.tied else build_odd_model if scenario.odd else build_model
     model = build().to(device)
+    if scenario.frozen:
+        model[2].weight.requires_grad_(False)
     start = 0
     sharded = world > 1 and scenario.sharded
     if resume is not None:

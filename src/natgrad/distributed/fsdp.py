@@ -77,7 +77,7 @@ class WholeParams:
         """The tensors an update is added to in place: the parameters."""
         return list(params)
 
-    def own_forwards(self) -> Any:
+    def own_forwards(self, swapped: Sequence[Tensor] = ()) -> Any:
         """A context for natgrad's own evaluations of the model: nothing to set aside."""
         return nullcontext()
 
@@ -186,11 +186,18 @@ class ShardedParams(WholeParams):
 
     # --- natgrad's own forwards and backwards ---------------------------------------------------
     @contextmanager
-    def own_forwards(self) -> Iterator[None]:
+    def own_forwards(self, swapped: Sequence[Tensor] = ()) -> Iterator[None]:
         """FSDP's forward hooks set aside: the modules compute with whatever tensors natgrad
-        swaps in (whole parameters), FSDP neither all-gathers nor reshards."""
+        swaps in, FSDP neither all-gathers nor reshards. The evaluations swap in whole values
+        of the ``swapped`` parameters; every other sharded parameter (frozen, or without a
+        gradient this step) is replaced by its whole tensor here (one all-gather)."""
         from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
+        skip = {id(p) for p in swapped}
+        others = [(module._parameters, name, p) for module in self.model.modules()
+                  for name, p in module._parameters.items()
+                  if p is not None and is_sharded(p) and id(p) not in skip]
+        wholes = self.whole([p.detach() for _, _, p in others])
         saved = []
         for module in self.model.modules():
             for attr in ("_forward_pre_hooks", "_forward_hooks"):
@@ -200,11 +207,15 @@ class ShardedParams(WholeParams):
                 if len(kept) != len(hooks):
                     saved.append((module, attr, hooks))
                     setattr(module, attr, kept)
+        for (table, name, _), value in zip(others, wholes, strict=True):
+            table[name] = value
         try:
             yield
         finally:
             for module, attr, hooks in saved:
                 setattr(module, attr, hooks)
+            for table, name, p in others:
+                table[name] = p
 
     def sampled_backward(
         self, sampler: Callable[[Any, Tensor], None], targets: Sequence[Tensor]

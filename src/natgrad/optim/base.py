@@ -27,6 +27,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -341,9 +342,11 @@ class CurvatureOptimizer(Optimizer):
         return grads
 
     @contextmanager
-    def _own_forwards(self) -> Iterator[None]:
-        """The optimizer's own evaluations of the model: not captured, not seen by FSDP."""
-        with self._capture.paused(), self._sharding.own_forwards():
+    def _own_forwards(self, params: list[Tensor]) -> Iterator[None]:
+        """The optimizer's own evaluations of the model: not captured; under FSDP its hooks
+        set aside and the sharded parameters other than ``params`` (frozen, unused this step)
+        whole (``params`` the evaluations swap in themselves)."""
+        with self._capture.paused(), self._sharding.own_forwards(params):
             yield
 
     def _problem(
@@ -377,7 +380,7 @@ class CurvatureOptimizer(Optimizer):
             damping=self.damping_of(first),
             weight_decay=0.0 if decoupled else first.get("weight_decay", 0.0),
             step=self.global_state["step"],
-            paused=self._own_forwards,
+            paused=partial(self._own_forwards, params),
             kl_clip=self.kl_clip,
             quadratic=quadratic if self.kl_clip is not None else None,
         )

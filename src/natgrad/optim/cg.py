@@ -72,7 +72,7 @@ class ConjugateGradientSolve:
         shift = opt.damping_of(first)
         if first.get("weight_decay") and not first.get("decoupled_weight_decay"):
             shift += first["weight_decay"]
-        with opt._own_forwards():
+        with opt._own_forwards(params):
             inputs = batch.inputs()
             fisher = fisher_operator(
                 fmodel, inputs, opt.loss_spec, frozen_buffers=True, valid=batch.valid_rows()
