@@ -1,6 +1,7 @@
 """Median step time of KFAC and EKFAC as a ratio to Adam's, measured in the same run.
 
     python benchmarks/step_time.py [--threads 1] [--steps 200] [--problems digits-mlp,...]
+                                   [--variant NAME=JSON ...]
 
 For each problem, every configuration trains the same model on the same minibatches; the
 configurations take turns (round-robin, one block of steps each) so that machine noise hits
@@ -10,7 +11,9 @@ work (statistics, inversions, the quadratic model). Configurations:
 * ``kfac-s1i10`` / ``ekfac-s1i10``: fixed lr 0.1, damping 0.1, statistics every step,
   inverses every 10 (the issue's benchmark setting);
 * ``kfac`` / ``ekfac``: the defaults (automatic lr, momentum and damping, statistics every
-  5 steps, inverses every 10).
+  5 steps, inverses every 10);
+* ``--variant NAME=JSON`` (repeatable): ``natgrad.KFAC`` with the JSON's arguments, e.g.
+  ``--variant rows8='{"curvature_rows": 8}'``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +41,11 @@ CONFIGS = {
     "kfac": lambda model, loss: natgrad.KFAC(model, loss=loss),
     "ekfac": lambda model, loss: natgrad.EKFAC(model, loss=loss),
 }
+
+
+def variant(hparams: dict) -> Callable[[torch.nn.Module, torch.nn.Module], torch.optim.Optimizer]:
+    """``natgrad.KFAC`` with ``hparams`` on top of the defaults."""
+    return lambda model, loss: natgrad.KFAC(model, loss=loss, **hparams)
 
 
 def time_problem(name: str, steps: int, block: int) -> dict[str, float]:
@@ -70,7 +79,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--block", type=int, default=20)
     parser.add_argument("--problems", default="digits-mlp,digits-autoencoder")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=JSON: also time natgrad.KFAC with these arguments")
     args = parser.parse_args()
+    for spec in args.variant:
+        name, _, hparams = spec.partition("=")
+        CONFIGS[name] = variant(json.loads(hparams))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     summary = {}

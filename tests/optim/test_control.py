@@ -384,3 +384,48 @@ def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
         assert torch.allclose(p.detach() - p0, t * delta, rtol=1e-4, atol=1e-7)
         assert torch.allclose(opt.state[p]["previous_update"], t * delta, rtol=1e-6)
     assert ratios[1] == pytest.approx(t * slope + t * t * (predicted - slope), rel=1e-12)
+
+
+@pytest.mark.parametrize("initial", [1e-2, 900.0])
+def test_a_second_rejection_in_a_row_doubles_the_damping(monkeypatch, initial):
+    """ρ < 0 at δ and at tδ on every step: parameters unchanged; the first rejection raises λ
+    by Levenberg–Marquardt's 1/ω alone, the next ones by 2/ω (up to max_damping); an
+    accepted step resets the count."""
+    from natgrad.optim.control import QuadraticControl
+
+    x, y = _digits(64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    rho = [-3.0]
+    monkeypatch.setattr(QuadraticControl, "reduction_ratio", lambda *args, **kwargs: rho[0])
+    opt = natgrad.KFAC(model, initial_damping=initial)
+    settings, state = opt.auto, opt.state["natgrad"]
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def raised(damping: float) -> float:
+        return lm_update(damping, rho[0], settings.omega, settings.min_damping,
+                         settings.max_damping)
+
+    step()
+    assert state["rejected_steps"] == 1 and state.get("backtracked_steps", 0) == 0
+    assert state["rejected_in_a_row"] == 1
+    assert all(torch.equal(p0, p) for p0, p in zip(before, model.parameters(), strict=True))
+    first = raised(initial)
+    assert state["damping"] == pytest.approx(first, rel=1e-12)
+    step()
+    assert state["rejected_steps"] == 2 and state["rejected_in_a_row"] == 2
+    second = min(settings.reject_factor * raised(first), settings.max_damping)
+    assert settings.reject_factor == 2.0
+    assert state["damping"] == pytest.approx(second, rel=1e-12)
+    rho[0] = 0.5  # accepted, λ unchanged by LM
+    step()
+    assert state["rejected_steps"] == 2 and state["rejected_in_a_row"] == 0
+    assert state["damping"] == pytest.approx(second, rel=1e-12)
+    rho[0] = -3.0  # a lone rejection again: 1/ω only
+    step()
+    assert state["damping"] == pytest.approx(raised(second), rel=1e-12)

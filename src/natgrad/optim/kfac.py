@@ -111,8 +111,9 @@ class KFAC(CurvatureOptimizer):
             ρ < 0 (the loss of the batch it was fitted to went up) is retried once at the
             minimum of the parabola through the loss, its slope and the measured loss
             (``state["natgrad"]["backtracked_steps"]``), else not taken: parameters
-            unchanged, momentum restarted (``["rejected_steps"]``). Checking every step
-            (the default) is what keeps a rare bad step from undoing a run.
+            unchanged, momentum restarted, λ doubled if the step before was rejected too
+            (``["rejected_steps"]``). Checking every step (the default) is what keeps a
+            rare bad step from undoing a run.
         inverse_placement: under data parallelism, ``"balanced"`` computes each block's
             inverse (or eigenbasis) on one rank, chosen to balance the cost Σ d³ per rank,
             and broadcasts it; ``"everywhere"`` computes every inverse on every rank and

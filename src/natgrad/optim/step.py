@@ -15,7 +15,8 @@ and only the source of the coefficients differs:
   (:class:`natgrad.optim.control.QuadraticControl`), each group's ``lr`` multiplying the
   chosen step (LR schedulers still act); with ``damping="auto"`` the step is checked on its
   batch (ρ), retried once at a fraction of its length if the batch's loss went up, and
-  rejected if that fails too (Levenberg–Marquardt adapts λ either way).
+  rejected if that fails too (Levenberg–Marquardt adapts λ either way, and a rejection
+  that follows a rejection multiplies it by ``reject_factor`` besides).
 
 :func:`decide` returns a :class:`Decision`; the optimizer applies it and keeps the step's
 curvature only if it is accepted.
@@ -58,6 +59,7 @@ class StepProblem:
         shrink: s per parameter (decoupled weight decay), 1.0 without.
         damping: λ in force; weight_decay: the L2 penalty η of the quadratic model.
         step: the optimizer's step count (Levenberg–Marquardt runs every ``lm_every``).
+        rejected_in_a_row: how many steps just before this one were rejected.
         kl_clip: KL-clipping bound for fixed lr (None: off); quadratic: v ↦ vᵀF̃v for it.
         paused: a context in which the model's forwards are not captured.
     """
@@ -79,6 +81,7 @@ class StepProblem:
     kl_clip: float | None = None
     quadratic: Callable[[dict[Tensor, Tensor]], float] | None = None
     values: list[Tensor] | None = None
+    rejected_in_a_row: int = 0
 
 
 @dataclass
@@ -86,7 +89,8 @@ class Decision:
     """The update δ per parameter, whether it is taken, and what to record.
 
     ``info`` holds ``lr`` and ``momentum`` (the coefficients a, m applied to −Δ and δ₀, first
-    group's), and with automatic damping ``rho`` and the new ``damping``; ``counter`` names
+    group's), with automatic settings ``rejected_in_a_row`` (this step's count, for the next
+    step), and with automatic damping ``rho`` and the new ``damping``; ``counter`` names
     the counter to increment (``"backtracked_steps"``, ``"rejected_steps"``) or is None.
     """
 
@@ -127,7 +131,8 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     update, info = result
     if settings.lr and not uniform:  # each group's lr multiplies the chosen step
         update = [u * lr for u, lr in zip(update, lrs, strict=True)]
-    decision = Decision(update, info={"lr": info["lr"], "momentum": info["momentum"]})
+    decision = Decision(update, info={"lr": info["lr"], "momentum": info["momentum"],
+                                      "rejected_in_a_row": 0})
     if not (settings.damping and problem.step % settings.lm_every == 0):
         return decision
 
@@ -148,6 +153,10 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
             decision.update, decision.counter = update, "backtracked_steps"
             return decision
     decision.accepted, decision.counter = False, "rejected_steps"
+    decision.info["rejected_in_a_row"] = problem.rejected_in_a_row + 1
+    if problem.rejected_in_a_row:  # rejected again: λ is far too small
+        decision.info["damping"] = min(decision.info["damping"] * settings.reject_factor,
+                                       settings.max_damping)
     return decision
 
 
