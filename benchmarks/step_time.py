@@ -11,7 +11,7 @@ work (statistics, inversions, the quadratic model). Configurations:
 * ``kfac-s1i10`` / ``ekfac-s1i10``: fixed lr 0.1, damping 0.1, statistics every step,
   inverses every 10 (the issue's benchmark setting);
 * ``kfac`` / ``ekfac``: the defaults (automatic lr, momentum and damping, statistics every
-  step, inverses every 5);
+  5 steps, inverses every 10);
 * ``--variant NAME=JSON`` (repeatable): ``natgrad.KFAC`` with the JSON's arguments, e.g.
   ``--variant rows8='{"curvature_rows": 8}'``.
 """
