@@ -1,6 +1,6 @@
 """``natgrad train`` on one process: table and JSON, checkpoint and resume, usage errors.
 
-The data-parallel runs (``--nproc 2``, ``torchrun``) are in tests/distributed.
+The data-parallel runs (``--nproc 2``, ``--fsdp``, ``torchrun``) are in tests/distributed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 FLAGS = ("--problem", "--optimizer", "--steps", "--batch-size", "--nproc", "--seed",
          "--device", "--dtype", "--backend", "--threads", "--checkpoint",
-         "--checkpoint-every", "--inverse-placement", "--tuned")
+         "--checkpoint-every", "--inverse-placement", "--tuned", "--fsdp")
 QUICK = ["--problem", "regression", "--optimizer", "kfac", "--dtype", "float64"]
 
 
@@ -72,6 +72,7 @@ def test_checkpoint_resumes_where_it_stopped(
          "does not support data parallelism"),
         (["--backend", "nccl"], "needs --device cuda"),
         (["--inverse-placement", "nowhere"], "invalid choice"),
+        ([*QUICK, "--fsdp"], "--fsdp shards the model over processes"),
     ],
 )
 def test_usage_errors_exit_2(

@@ -62,8 +62,10 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` in each process.
         checkpoint: checkpoint file (saved, and resumed from if it exists).
         checkpoint_every: steps between checkpoints.
-        inverse_placement: ``"balanced"`` or ``"everywhere"`` (natgrad's K-FAC optimizers).
+        inverse_placement: ``"balanced"``, ``"everywhere"`` or ``"owner"`` (natgrad's K-FAC
+            optimizers).
         tuned: a tuned-values file instead of the one shipped with natgrad.
+        fsdp: shard the model with FSDP2 (``fully_shard``) instead of wrapping it in DDP.
     """
 
     problem: str = "digits-autoencoder"
@@ -80,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     inverse_placement: str = "balanced"
     tuned: Path | None = None
+    fsdp: bool = False
 
     @property
     def world_size(self) -> int:
@@ -110,6 +113,9 @@ class TrainConfig:
         if world > 1 and spec.natgrad_name not in DATA_PARALLEL:
             raise ValueError(f"optimizer {self.optimizer!r} does not support data parallelism; "
                              f"use one of the K-FAC family or a torch optimizer")
+        if self.fsdp and world < 2:
+            raise ValueError("--fsdp shards the model over processes: give --nproc 2 or more, "
+                             "or run under torchrun")
         if self.global_batch() % world:
             raise ValueError(f"the global batch size {self.global_batch()} must be divisible "
                              f"by the number of processes {world}")
@@ -161,7 +167,9 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     model = problem.build_model().to(device=device, dtype=dataset.float_dtype)
     wrapped = model
     ddp_bytes = None
-    if comm.active:
+    if comm.active and config.fsdp:
+        _fully_shard(model)
+    elif comm.active:
         wrapped = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -203,6 +211,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
         "problem": problem.name,
         "optimizer": spec.name,
         "processes": world,
+        "sharding": "fsdp" if config.fsdp and comm.active else ("ddp" if comm.active else None),
         "backend": config.backend_name if world > 1 else None,
         "global_batch": batch,
         "steps": steps,
@@ -216,11 +225,29 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     }
 
 
+def _fully_shard(model: torch.nn.Module) -> None:
+    """FSDP2: one unit per layer whose parameters no other module uses, then the root (which
+    takes the rest, tied weights included)."""
+    from torch.distributed.fsdp import fully_shard
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for module in list(model.modules())[1:]:
+        own = list(module.parameters(recurse=False))
+        if own and not list(module.children()) and all(owners[id(p)] == 1 for p in own):
+            fully_shard(module)
+    fully_shard(model)
+
+
 def format_result(result: dict[str, Any]) -> str:
     """The run as a small table."""
     backend = f" ({result['backend']})" if result["backend"] else ""
     head = (f"natgrad train: {result['problem']}, {result['optimizer']}, "
             f"{result['processes']} process(es){backend}, global batch {result['global_batch']}")
+    if result.get("sharding") == "fsdp":
+        head += ", FSDP2"
     if result["start_step"]:
         head += f", resumed at step {result['start_step']}"
     columns = ("steps", "final train loss", "median step ms", "mean step ms",
@@ -336,10 +363,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "resume from PATH if it exists")
     parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="K",
                         help="steps between checkpoints (default: %(default)s)")
-    parser.add_argument("--inverse-placement", choices=("balanced", "everywhere"),
+    parser.add_argument("--inverse-placement", choices=("balanced", "everywhere", "owner"),
                         default="balanced",
                         help="K-FAC inverses: one rank each, balanced by cost, then broadcast; "
-                        "or every rank computes all (default: %(default)s)")
+                        "every rank computes all; or each block's state lives on its owner "
+                        "only (default: %(default)s)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the model with FSDP2 (fully_shard: one unit per untied "
+                        "layer, then the root) instead of wrapping it in DDP; needs 2 or more "
+                        "processes")
     parser.add_argument("--tuned", type=Path, metavar="FILE",
                         help="hyper-parameters from FILE instead of natgrad's tuned.json")
     parser.set_defaults(handler=run, subparser=parser)
