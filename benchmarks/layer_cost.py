@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -54,16 +55,17 @@ class Conv1dSequence(nn.Module):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)
 
 
-def layers(width: int) -> dict[str, tuple[nn.Module, Tensor]]:
+def layers(width: int) -> dict[str, tuple[Callable[[], nn.Module], Tensor]]:
+    """Per layer type: a builder of the one-layer model and its inputs."""
     gen = torch.Generator().manual_seed(0)
     seq = torch.randn(8, 32, width, generator=gen)
     return {
-        "Linear": (nn.Linear(width, width), seq),
-        "Conv1d (k=5)": (Conv1dSequence(width), seq),
-        "LayerNorm": (nn.LayerNorm(width), seq),
-        "MultiheadAttention": (SelfAttention(width), seq),
-        "Embedding + tied head": (Tied(width), torch.randint(0, 4 * width, (8, 32),
-                                                             generator=gen)),
+        "Linear": (lambda: nn.Linear(width, width), seq),
+        "Conv1d (k=5)": (lambda: Conv1dSequence(width), seq),
+        "LayerNorm": (lambda: nn.LayerNorm(width), seq),
+        "MultiheadAttention": (lambda: SelfAttention(width), seq),
+        "Embedding + tied head": (lambda: Tied(width),
+                                  torch.randint(0, 4 * width, (8, 32), generator=gen)),
     }
 
 
@@ -92,14 +94,11 @@ def main() -> None:
     print("| layer | P | KFAC state ÷ P | EKFAC state ÷ P | KFAC step ÷ Adam's | "
           "EKFAC step ÷ Adam's |")
     print("|---|---|---|---|---|---|")
-    for name, (template, inputs) in layers(args.width).items():
+    for name, (build, inputs) in layers(args.width).items():
         runs = {}
         for key, factory in factories.items():
             torch.manual_seed(0)
-            model = type(template)(args.width) if not isinstance(template, (nn.Linear,
-                                                                           nn.LayerNorm)) \
-                else type(template)(*([args.width] * (2 if isinstance(template, nn.Linear)
-                                                      else 1)))
+            model = build()
             with torch.no_grad():
                 targets = torch.randn_like(model(inputs))
             runs[key] = (model, factory(model), [], targets)

@@ -69,9 +69,10 @@ class RMSNormHandler(NormHandler):
         return None
 
 
-def _epsilon(module: nn.Module) -> float:
+def _epsilon(module: nn.Module) -> float | None:
+    """The layer's ε (``variance_epsilon`` in the Llama family, ``eps`` in others), if any."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return float(eps)
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def _is_plain_rms_norm(module: nn.Module) -> bool:
@@ -83,8 +84,8 @@ def _is_plain_rms_norm(module: nn.Module) -> bool:
     weight = params.get("weight")
     if list(params) != ["weight"] or weight is None or weight.dim() != 1:
         return False
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(eps, (int, float)):
+    eps = _epsilon(module)
+    if eps is None:
         return False
     try:
         if len(inspect.signature(module.forward).parameters) != 1:
@@ -97,7 +98,7 @@ def _is_plain_rms_norm(module: nn.Module) -> bool:
         return False
     if not isinstance(out, Tensor) or out.shape != probe.shape:
         return False
-    x_hat = F.rms_norm(probe, (weight.shape[0],), eps=float(eps))
+    x_hat = F.rms_norm(probe, (weight.shape[0],), eps=eps)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     out = out.detach().to(device="cpu", dtype=torch.float64)
     tol = 16 * torch.finfo(weight.dtype).eps  # the layer computes in its own precision
