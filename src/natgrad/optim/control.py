@@ -172,14 +172,14 @@ class AutoSettings:
         return self.lm_decay**self.lm_every
 
 
-def _dot(u: Sequence[Tensor], w: Sequence[Tensor]) -> Tensor:
-    """Σᵢ ⟨uᵢ, wᵢ⟩ over lists of same-shaped tensors (no concatenated copies), in at least
-    float32."""
-    return torch.stack([(_wide(a) * _wide(b)).sum() for a, b in zip(u, w, strict=True)]).sum()
-
-
-def _wide(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _parameter_gram(vectors: Sequence[Sequence[Tensor]]) -> Tensor:
+    """The Gram matrix [⟨vᵢ, vⱼ⟩] of k vectors given per parameter (each a list of tensors
+    following the parameters), ``[k, k]``: one matrix product of the flattened vectors, in at
+    least float32."""
+    dtype = torch.promote_types(vectors[0][0].dtype, torch.float32)
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in vector]).to(dtype)
+                        for vector in vectors])  # [k, P]
+    return flat @ flat.T
 
 
 AUTO_ROWS_OUTPUTS = 4096  # "auto": keep ≥ this many output dimensions (rows × outputs)
@@ -291,10 +291,12 @@ class QuadraticControl:
 
         likelihood = batch.spec.likelihood
         gram = likelihood.fisher_gram(outputs, products) / n  # (J·tᵢ)ᵀ Λ (J·tⱼ) / N
-        terms = [gram[0, 0], _dot(descent, descent), _dot(grads, descent)]
+        # parameter-space inner products, rows/columns (d, δ₀, ∇J)
+        inner = _parameter_gram([descent, previous, grads] if use_momentum
+                                else [descent, grads])
+        terms = [gram[0, 0], inner[0, 0], inner[0, -1]]
         if use_momentum:
-            terms += [gram[0, 1], _dot(descent, previous), gram[1, 1],
-                      _dot(previous, previous), _dot(grads, previous)]
+            terms += [gram[0, 1], inner[0, 1], gram[1, 1], inner[1, 1], inner[1, 2]]
         batch_terms = [0, 3, 5] if use_momentum else [0]
         stacked = torch.stack([t.double() for t in terms])
         if self._distributed:  # the batch terms of the ranks' batches together
