@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import natgrad
 from natgrad.distributed.checkpoint import load_checkpoint, save_checkpoint
+from natgrad.distributed.dcp import load_dcp, save_dcp
 from natgrad.distributed.fsdp import is_sharded
 
 DTYPE = torch.float64
@@ -184,21 +185,26 @@ def run_scenario(
     save_at: tuple[int, Path] | None = None,
     device: torch.device | None = None,
     whole_checkpoint: bool = False,
+    dcp: bool = False,
 ) -> dict[str, Any]:
     """Train scenario ``name`` for ``steps`` steps on this rank's shard.
 
     Args:
         device: where to train (default: the CPU).
-        resume: a checkpoint (model and optimizer state) to start from; its step count says
-            which global batch comes next.
+        resume: a checkpoint (model and optimizer state) to start from, a file or a DCP
+            folder (:func:`natgrad.distributed.dcp.save_dcp`); its step count says which
+            global batch comes next.
         save_at: (step, path): rank 0 saves a checkpoint after that many steps (sharded:
             every rank its own, to its own path).
         whole_checkpoint: save with :func:`natgrad.distributed.checkpoint.save_checkpoint`
             (collective; a sharded model saved whole).
+        dcp: save with :func:`natgrad.distributed.dcp.save_dcp` (collective; a folder).
 
     Returns:
         ``params`` (final parameters), ``seed`` (the label generator's seed), ``bytes`` and
-        ``calls`` (natgrad's own communication), ``rng`` (the label generator's state).
+        ``calls`` (natgrad's own communication), ``rng`` (the label generator's state),
+        ``block_bytes`` (the blocks' tensors this rank holds at the end) and
+        ``loaded_block_bytes`` (those it read from a DCP checkpoint; None otherwise).
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
@@ -208,7 +214,8 @@ def run_scenario(
         model[2].weight.requires_grad_(False)
     start = 0
     sharded = world > 1 and scenario.sharded
-    if resume is not None:
+    dcp_resume = resume is not None and resume.is_dir()  # a torch.distributed.checkpoint
+    if resume is not None and not dcp_resume:
         checkpoint = torch.load(resume, weights_only=False, map_location=device)
         if not sharded:
             model.load_state_dict(checkpoint["model"])
@@ -222,7 +229,11 @@ def run_scenario(
     optimizer = getattr(natgrad, scenario.optimizer)(
         wrapped, likelihood="categorical", **scenario.settings
     )
-    if sharded and resume is not None:
+    loaded = None
+    if dcp_resume:
+        loaded = loaded_block_bytes(resume, optimizer)
+        start = load_dcp(resume, model, optimizer)["step"]
+    elif sharded and resume is not None:
         if any(is_sharded(v) for v in checkpoint["model"].values()):  # this rank's shards
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -236,7 +247,9 @@ def run_scenario(
         optimizer.zero_grad()
         F.cross_entropy(wrapped(inputs[step, rows]), labels[step, rows]).backward()
         optimizer.step()
-        if save_at is not None and step + 1 == save_at[0] and whole_checkpoint:
+        if save_at is not None and step + 1 == save_at[0] and dcp:
+            save_dcp(save_at[1], model, optimizer, step=step + 1)
+        elif save_at is not None and step + 1 == save_at[0] and whole_checkpoint:
             save_checkpoint(save_at[1], optimizer.communicator, model, optimizer, step=step + 1)
         elif save_at is not None and step + 1 == save_at[0] and (rank == 0 or sharded):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -251,7 +264,25 @@ def run_scenario(
         "calls": comm.calls,
         "state": {k: v for k, v in optimizer.global_state.items() if isinstance(v, float)},
         "block_bytes": block_bytes(optimizer),
+        "loaded_block_bytes": loaded,
     }
+
+
+def dcp_folder(out: Path, scenario: str, world: int) -> Path:
+    """Where ``dcp-save-SCENARIO`` on ``world`` ranks puts its DCP checkpoint."""
+    return out / f"dcp-{scenario}-w{world}"
+
+
+def loaded_block_bytes(folder: Path, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the block tensors this rank reads from a DCP checkpoint (its template)."""
+    import torch.distributed.checkpoint as dcp
+
+    from natgrad.distributed.dcp import optimizer_template
+    from natgrad.distributed.kfac import BLOCK_KEYS
+
+    template = optimizer_template(optimizer, dcp.FileSystemReader(folder).read_metadata())
+    return sum(v.numel() * v.element_size() for k, v in template.items()
+               if isinstance(v, Tensor) and k.split("/")[-1].split(".")[0] in BLOCK_KEYS)
 
 
 def block_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -353,6 +384,15 @@ def main(argv: list[str]) -> None:
             elif name == "fsdp-resume":  # continue from those shards
                 result = run_scenario(FSDP_CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,
                                       resume=out / f"fsdp-state-w{world}-r{rank}.pt",
+                                      device=device)
+            elif name.startswith("dcp-save-"):  # DCP after CHECKPOINT_STEP steps, keep going
+                scenario = name.removeprefix("dcp-save-")
+                result = run_scenario(scenario, world=world, rank=rank, device=device, dcp=True,
+                                      save_at=(CHECKPOINT_STEP, dcp_folder(out, scenario, world)))
+            elif name.startswith("dcp-resume-w"):  # dcp-resume-wK-SCENARIO: K ranks saved it
+                saved, scenario = name.removeprefix("dcp-resume-w").split("-", 1)
+                result = run_scenario(scenario, STEPS - CHECKPOINT_STEP, world, rank,
+                                      resume=dcp_folder(out, scenario, int(saved)),
                                       device=device)
             elif name == "resume":  # continue a one-process run's checkpoint on W ranks
                 result = run_scenario(CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,

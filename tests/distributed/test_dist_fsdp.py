@@ -10,7 +10,9 @@ every case (the true Fisher's sampled labels included: both draw with seed + ran
 own traffic is DDP's plus two all-gathers of the padded shards per step; with
 ``inverse_placement="owner"`` each block's factors and inverses are on exactly one rank; a
 run resumed from its ranks' own state dicts continues bit for bit; natgrad's checkpoint (the
-sharded model saved whole) moves between one process and two sharded ones.
+sharded model saved whole) moves between one process and two sharded ones; a DCP checkpoint
+(:mod:`natgrad.distributed.dcp`) resumes on two ranks bit for bit (the true Fisher's label
+streams included) and on one process equal to it, each owner reading only its own blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dist_worker import (
     FSDP_SCENARIOS,
     STEPS,
     build_model,
+    dcp_folder,
     run_scenario,
 )
 
@@ -42,6 +45,8 @@ MIRRORED = {"fsdp-kfac-empirical-auto": "kfac-empirical-auto",
             "fsdp-kfac-true-auto": "kfac-true-auto",
             "fsdp-kfac-owner-true-auto": "kfac-true-auto"}
 WORLD = 2
+DCP_SAME = "fsdp-kfac-owner-true-auto"  # DCP: resumed on the same world size, bit for bit
+DCP = (DCP_SAME, FSDP_CHECKPOINTED, "kfac-empirical-auto")  # saved sharded, owner, DDP
 
 
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +70,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, out / "checkpoint-w1.pt"))
     ddp = sorted(set(MIRRORED.values()))
     launch([str(HERE / "dist_worker.py"), str(out), *FSDP_SCENARIOS, *ddp, "fsdp-checkpoint",
-            "fsdp-resume", "fsdp-save", "fsdp-resume-w1", "fsdp-errors"], world=WORLD)
+            "fsdp-resume", "fsdp-save", "fsdp-resume-w1", "fsdp-errors",
+            *(f"dcp-save-{name}" for name in DCP), f"dcp-resume-w{WORLD}-{DCP_SAME}"],
+           world=WORLD)
     return out
 
 
@@ -142,3 +149,25 @@ def test_unsupported_sharded_models_are_named(runs: Path) -> None:
     assert messages["NaturalGradient"].startswith("TypeError: NaturalGradient does not")
     assert messages["hsdp"].startswith("ValueError: model: parameter")
     assert "1-D mesh" in messages["hsdp"]
+
+
+def test_dcp_checkpoint_resumes_bit_for_bit(runs: Path) -> None:
+    # saved after CHECKPOINT_STEP steps of an uninterrupted run with sampled labels (each
+    # rank's label stream in the checkpoint); resumed on as many ranks
+    for uninterrupted, resumed in zip(_ranks(runs, f"dcp-save-{DCP_SAME}"),
+                                      _ranks(runs, f"dcp-resume-w{WORLD}-{DCP_SAME}"),
+                                      strict=True):
+        assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+    # "owner": each rank read only its own blocks, together every block once
+    loaded = [r["loaded_block_bytes"] for r in _ranks(runs, f"dcp-resume-w{WORLD}-{DCP_SAME}")]
+    whole = _one_process(DCP_SAME, steps=CHECKPOINT_STEP)["block_bytes"]
+    assert sum(loaded) == whole and all(0 < b < whole for b in loaded)
+
+
+@pytest.mark.parametrize("name", [FSDP_CHECKPOINTED, "kfac-empirical-auto"])
+def test_dcp_checkpoint_resumes_on_one_process(runs: Path, name: str) -> None:
+    # two ranks (sharded with owner placement, or DDP) saved; one process continues
+    expected = _flat(_one_process(name)["params"])
+    resumed = _one_process(name, steps=STEPS - CHECKPOINT_STEP,
+                           resume=dcp_folder(runs, name, WORLD))
+    assert rel_err(_flat(resumed["params"]), expected) <= RTOL_EXACT

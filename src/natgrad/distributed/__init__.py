@@ -4,11 +4,19 @@ Everything here is a no-op without an initialised process group or at world size
 
 Modules: ``comm`` (:class:`Communicator`: bucketed all-reduce and broadcast, byte counts),
 ``placement`` (which rank computes which inverse), ``kfac`` (what K-FAC exchanges),
-``checkpoint`` (checkpoints that load on any world size) and ``launch`` (process groups
-from ``torchrun``'s environment or ``torch.multiprocessing``).
+``checkpoint`` (checkpoints that load on any world size), ``dcp``
+(``torch.distributed.checkpoint``: every rank writes its part, any world size reads it) and
+``launch`` (process groups from ``torchrun``'s environment or ``torch.multiprocessing``).
 """
 
 from natgrad.distributed.comm import Communicator, count_ddp_bytes, mean_operator, unwrap_model
+from natgrad.distributed.dcp import (
+    load_dcp,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
+    optimizer_template,
+    save_dcp,
+)
 from natgrad.distributed.kfac import FactorSync
 from natgrad.distributed.placement import (
     PLACEMENTS,
@@ -24,7 +32,12 @@ __all__ = [
     "balanced_placement",
     "block_cost",
     "count_ddp_bytes",
+    "load_dcp",
+    "load_optimizer_state_dict",
     "mean_operator",
+    "optimizer_state_dict",
+    "optimizer_template",
     "rank_loads",
+    "save_dcp",
     "unwrap_model",
 ]

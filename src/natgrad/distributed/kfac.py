@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,8 +38,8 @@ from natgrad.distributed.comm import Communicator
 from natgrad.distributed.placement import PLACEMENTS, balanced_placement, block_cost
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 
-__all__ = ["BLOCK_KEYS", "FactorSync", "keeps_state_on_owners", "refresh_layout",
-           "statistic_shapes"]
+__all__ = ["BLOCK_KEYS", "FactorSync", "keeps_state_on_owners", "kronecker_preconditioner",
+           "refresh_layout", "statistic_shapes"]
 
 Block = KroneckerBlock | DenseBlock | SharedBlock
 Shape = tuple[int, ...]
@@ -46,17 +47,23 @@ Shape = tuple[int, ...]
 # shared block's per-use factors: what a rank that does not own the block leaves out
 BLOCK_KEYS = ("input_cov", "grad_cov", "input_inv", "grad_inv", "fisher_block", "block_inv",
               "eigvecs_out", "eigvecs_in", "scaling", "shared_left", "shared_right",
-              "shared_scale")
+              "shared_scale", "factor_updates")
 _BLOCK_PREFIXES = ("input_cov.", "grad_cov.")
+
+
+def kronecker_preconditioner(optimizer: object) -> Any:
+    """``optimizer``'s K-FAC preconditioner (its blocks and :class:`FactorSync`), or None."""
+    preconditioner = getattr(optimizer, "preconditioner", None)
+    if getattr(preconditioner, "sync", None) is None:  # NGDCG holds it inside the CG solve
+        preconditioner = getattr(preconditioner, "inner", None)
+    return preconditioner if isinstance(getattr(preconditioner, "sync", None), FactorSync) \
+        else None
 
 
 def keeps_state_on_owners(optimizer: object) -> bool:
     """Whether ``optimizer``'s block states live on their owners only (``"owner"``)."""
-    sync = getattr(getattr(optimizer, "preconditioner", None), "sync", None)
-    if sync is None:  # NGDCG holds its K-FAC preconditioner inside the CG solve
-        inner = getattr(getattr(optimizer, "preconditioner", None), "inner", None)
-        sync = getattr(inner, "sync", None)
-    return isinstance(sync, FactorSync) and sync.placement == "owner" and sync.active
+    preconditioner = kronecker_preconditioner(optimizer)
+    return preconditioner is not None and preconditioner.sync.on_owners
 
 
 def statistic_shapes(handler: LayerHandler) -> tuple[Shape | None, Shape]:
@@ -166,14 +173,18 @@ class FactorSync:
         """Whether this rank keeps the state of block ``name`` (its owner, or every rank)."""
         return not self.on_owners or self.owners(blocks)[name] == self.comm.rank
 
+    def drops(self, blocks: dict[str, Block], name: str, key: str) -> bool:
+        """Whether this rank leaves out the state entry ``key`` of block ``name``: a block
+        tensor (factors, inverses, eigenbases, scaling) of a block it does not keep."""
+        is_block_key = key in BLOCK_KEYS or key.startswith(_BLOCK_PREFIXES)
+        return is_block_key and not self.keeps(blocks, name)
+
     def prune(self, blocks: dict[str, Block]) -> None:
         """Drop the state of the blocks this rank does not own (after loading a checkpoint
         that holds every block)."""
         for name, block in blocks.items():
-            if not self.keeps(blocks, name):
-                for key in [k for k in block.state if k in BLOCK_KEYS
-                            or k.startswith(_BLOCK_PREFIXES)]:
-                    del block.state[key]
+            for key in [k for k in block.state if self.drops(blocks, name, k)]:
+                del block.state[key]
 
     def share_directions(
         self, blocks: dict[str, Block], directions: dict[Tensor, Tensor]
