@@ -1,15 +1,17 @@
-"""KFAC under FSDP2 (``fully_shard``) on W gloo processes: natgrad's bytes per step and memory.
+"""KFAC and EKFAC under FSDP2 (``fully_shard``) on W gloo processes: bytes per step, memory.
 
-    python benchmarks/fsdp_cost.py --world 1 2 4 --steps 20 --placement balanced owner
+    python benchmarks/fsdp_cost.py --world 1 2 4 --steps 20 --placement balanced owner \
+        --optimizer kfac ekfac
 
 Trains an MLP (784 → 256 → 128 → 10, float32, ``fully_shard`` on each Linear and on the
-model for W > 1) with ``natgrad.KFAC``'s defaults and each ``inverse_placement`` on a global
-batch of 256 random examples split over the ranks, and prints per placement and W: natgrad's
-own communication per step (payload bytes a rank contributes, from
-``optimizer.communicator``; FSDP's own all-gathers and reduce-scatters come on top),
-natgrad's optimizer state on the fullest and the emptiest rank (factors, inverses, momentum:
-every tensor in ``optimizer.state``), the parameters a rank holds (its shards) and the time
-per step. The last line is the JSON of the table.
+model for W > 1) with ``natgrad.KFAC``'s (or ``EKFAC``'s) defaults and each
+``inverse_placement`` on a global batch of 256 random examples split over the ranks, and
+prints per optimizer, placement and W: natgrad's own communication per step (payload bytes a
+rank contributes, from ``optimizer.communicator``; FSDP's own all-gathers and reduce-scatters
+come on top), natgrad's state on the fullest and the emptiest rank (factors, inverses,
+momentum: every tensor in ``optimizer.state``, plus EKFAC's cached eigenbases of blocks other
+ranks own under ``"owner"``), the parameters a rank holds (its shards) and the time per step.
+The last line is the JSON of the table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+from natgrad.distributed.kfac import kronecker_preconditioner
 from natgrad.distributed.launch import init_from_env, spawn
 
 BATCH = 256
@@ -41,7 +44,7 @@ def _bytes(value: object) -> int:
     return 0
 
 
-def worker(steps: int, placement: str, out: str) -> None:
+def worker(steps: int, optimizer: str, placement: str, out: str) -> None:
     """One rank: train, then write this rank's figures to ``out/rank{r}.json``."""
     torch.set_num_threads(1)
     init_from_env("gloo")
@@ -56,7 +59,8 @@ def worker(steps: int, placement: str, out: str) -> None:
             if isinstance(module, nn.Linear):
                 fully_shard(module)
         fully_shard(model)
-    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), inverse_placement=placement)
+    opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(),
+                                      inverse_placement=placement)
     gen = torch.Generator().manual_seed(1)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     start = time.perf_counter()
@@ -68,10 +72,12 @@ def worker(steps: int, placement: str, out: str) -> None:
         opt.step()
     seconds = (time.perf_counter() - start) / steps
     figures = {
-        "world": world, "rank": rank, "placement": placement,
+        "optimizer": optimizer, "world": world, "rank": rank,
+        "placement": kronecker_preconditioner(opt).sync.placement,
         "natgrad_bytes_per_step": opt.communicator.bytes / steps,
         "natgrad_calls_per_step": opt.communicator.calls / steps,
-        "state_bytes": sum(_bytes(s) for s in opt.state.values()),  # the largest rank's
+        "state_bytes": sum(_bytes(s) for s in opt.state.values())  # the largest rank's
+        + kronecker_preconditioner(opt).sync.cached_bytes(),
         "param_bytes": sum(_bytes(p) for p in model.parameters()),
         "seconds_per_step": seconds,
     }
@@ -85,23 +91,26 @@ def main() -> None:
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--placement", nargs="+", default=["balanced", "owner"],
-                        choices=["balanced", "everywhere", "owner"])
+                        choices=["auto", "balanced", "everywhere", "owner"])
+    parser.add_argument("--optimizer", nargs="+", default=["kfac", "ekfac"],
+                        choices=["kfac", "ekfac"])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
-    for placement in args.placement:
-        for world in args.world:
-            with tempfile.TemporaryDirectory() as out:
-                spawn(worker, world, (args.steps, placement, out))
-                ranks = [json.loads(Path(out, f"rank{r}.json").read_text())
-                         for r in range(world)]
-            row = {key: max(r[key] for r in ranks) for key in ranks[0] if key != "rank"}
-            row["min_state_bytes"] = min(r["state_bytes"] for r in ranks)
-            rows.append(row)
-    print(f"{'placement':>10} {'W':>3} {'natgrad B/step':>15} {'calls/step':>11} "
+    runs = [(o.upper(), p, w) for o in args.optimizer for p in args.placement
+            for w in args.world if w > 1 or p == args.placement[0]]  # W = 1: one placement
+    for optimizer, placement, world in runs:
+        with tempfile.TemporaryDirectory() as out:
+            spawn(worker, world, (args.steps, optimizer, placement, out))
+            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+        row = {key: max(r[key] for r in ranks) for key in ranks[0] if key != "rank"}
+        row["min_state_bytes"] = min(r["state_bytes"] for r in ranks)
+        rows.append(row)
+    print(f"{'optimizer':>9} {'placement':>10} {'W':>3} {'natgrad B/step':>15} {'calls/step':>11} "
           f"{'state B, max rank':>18} {'min rank':>10} {'params B/rank':>14} {'s/step':>8}")
     for r in rows:
-        print(f"{r['placement']:>10} {r['world']:>3} {r['natgrad_bytes_per_step']:>15,.0f} "
+        print(f"{r['optimizer']:>9} {r['placement']:>10} {r['world']:>3} "
+              f"{r['natgrad_bytes_per_step']:>15,.0f} "
               f"{r['natgrad_calls_per_step']:>11.1f} {r['state_bytes']:>18,} "
               f"{r['min_state_bytes']:>10,} "
               f"{r['param_bytes']:>14,} {r['seconds_per_step']:>8.3f}")

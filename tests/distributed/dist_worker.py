@@ -134,8 +134,10 @@ FSDP_SCENARIOS = {
     for name in ("kfac-empirical-fixed", "kfac-empirical-auto", "ekfac-empirical-auto",
                  "ngdcg-empirical-auto", "kfac-true-auto")
 }
-OWNER = {"inverse_placement": "owner"}
+OWNER = {"inverse_placement": "owner"}  # the default under FSDP2 ("auto"), made explicit
 FSDP_SCENARIOS.update({
+    "fsdp-kfac-balanced-empirical-auto": Scenario(
+        "KFAC", {**EMPIRICAL, **AUTO, "inverse_placement": "balanced"}, sharded=True),
     "fsdp-odd-kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, sharded=True,
                                              odd=True),
     "fsdp-kfac-owner-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO, **OWNER},
@@ -204,7 +206,8 @@ def run_scenario(
         ``params`` (final parameters), ``seed`` (the label generator's seed), ``bytes`` and
         ``calls`` (natgrad's own communication), ``rng`` (the label generator's state),
         ``block_bytes`` (the blocks' tensors this rank holds at the end) and
-        ``loaded_block_bytes`` (those it read from a DCP checkpoint; None otherwise).
+        ``loaded_block_bytes`` (those it read from a DCP checkpoint; None otherwise),
+        ``cached_bytes`` (EKFAC's eigenbases of other ranks' blocks) and ``placement``.
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
@@ -265,6 +268,8 @@ def run_scenario(
         "state": {k: v for k, v in optimizer.global_state.items() if isinstance(v, float)},
         "block_bytes": block_bytes(optimizer),
         "loaded_block_bytes": loaded,
+        "cached_bytes": cached_bytes(optimizer),
+        "placement": getattr(optimizer_sync(optimizer), "placement", None),
     }
 
 
@@ -285,6 +290,20 @@ def loaded_block_bytes(folder: Path, optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, Tensor) and k.split("/")[-1].split(".")[0] in BLOCK_KEYS)
 
 
+def optimizer_sync(optimizer: torch.optim.Optimizer) -> Any:
+    """The optimizer's K-FAC exchange (None for optimizers without Kronecker blocks)."""
+    from natgrad.distributed.kfac import kronecker_preconditioner
+
+    preconditioner = kronecker_preconditioner(optimizer)
+    return None if preconditioner is None else preconditioner.sync
+
+
+def cached_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the eigenbases this rank caches for blocks that other ranks own (EKFAC)."""
+    sync = optimizer_sync(optimizer)
+    return 0 if sync is None else sync.cached_bytes()
+
+
 def block_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the blocks' factors and inverses this rank holds."""
     from natgrad.distributed.kfac import BLOCK_KEYS
@@ -301,8 +320,6 @@ def check_fsdp_errors() -> dict[str, str]:
 
     messages = {}
     cases = {
-        "EKFAC-owner": lambda: natgrad.EKFAC(shard_model(build_model()),
-                                             inverse_placement="owner"),
         "NaturalGradient": lambda: natgrad.NaturalGradient(shard_model(build_model())),
         "hsdp": lambda: natgrad.KFAC(  # a 2-D mesh: (Replicate, Shard(0)) placements
             fully_shard(build_model(), mesh=init_device_mesh("cpu", (1, 2),

@@ -107,23 +107,48 @@ def test_equals_ddp(runs: Path, name: str) -> None:
 def test_traffic_is_ddp_plus_two_all_gathers_per_step(runs: Path) -> None:
     # each step all-gathers the gradient and the parameters: every parameter's dim-0 shard
     # padded to ⌈d₀/W⌉ rows, float64; the rest (statistics, inverses, the quadratic model's
-    # terms) is the data-parallel exchange, byte for byte
+    # terms) is the data-parallel exchange, byte for byte (with DDP's default placement)
     shard = sum(math.ceil(p.shape[0] / WORLD) * p[0].numel() for p in build_model().parameters())
-    for name in ("fsdp-kfac-empirical-auto", "fsdp-kfac-true-auto"):
-        sharded, _ = _ranks(runs, name)
-        replicated, _ = _ranks(runs, MIRRORED[name])
-        assert sharded["bytes"] - replicated["bytes"] == STEPS * 2 * shard * 8
-        assert sharded["calls"] - replicated["calls"] == STEPS * 2
+    sharded, _ = _ranks(runs, "fsdp-kfac-balanced-empirical-auto")
+    replicated, _ = _ranks(runs, "kfac-empirical-auto")
+    assert sharded["bytes"] - replicated["bytes"] == STEPS * 2 * shard * 8
+    assert sharded["calls"] - replicated["calls"] == STEPS * 2
 
 
-def test_owner_placement_holds_each_block_once(runs: Path) -> None:
-    # "owner": every block's factors and inverses on exactly one rank, none elsewhere;
-    # "balanced": every block on every rank
-    whole = _one_process("fsdp-kfac-empirical-auto")["block_bytes"]
+def test_owner_placement_trades_inverse_broadcasts_for_directions(runs: Path) -> None:
+    # "owner" (FSDP2's default): every step the owners broadcast their blocks' directions
+    # (every parameter with a block: all but Scale's), instead of the inverses at each refresh
+    # (K-FAC: A⁻¹ and G⁻¹ of both Linear layers and the LayerNorm's (F + λI)⁻¹)
+    model = build_model()
+    with_block = sum(p.numel() for p in model.parameters()) - model[4].weight.numel()
+    inverses = 7 * 7 + 8 * 8 + 16 * 16 + 9 * 9 + 4 * 4
+    owner, _ = _ranks(runs, "fsdp-kfac-empirical-auto")
+    balanced, _ = _ranks(runs, "fsdp-kfac-balanced-empirical-auto")
+    assert owner["placement"] == "owner" and balanced["placement"] == "balanced"
+    saved = STEPS * with_block * 8 - (owner["bytes"] - balanced["bytes"])
+    refreshes, rest = divmod(saved, inverses * 8)
+    assert rest == 0 and 1 <= refreshes <= STEPS
+
+
+@pytest.mark.parametrize("name", ["fsdp-kfac-empirical-auto", "fsdp-ekfac-empirical-auto"])
+def test_owner_placement_holds_each_block_once(runs: Path, name: str) -> None:
+    # "owner": every block's factors and inverses (EKFAC: eigenbases and scaling) on exactly
+    # one rank, none elsewhere; "balanced": every block on every rank
+    whole = _one_process(name)["block_bytes"]
     assert whole > 0
-    assert all(r["block_bytes"] == whole for r in _ranks(runs, "fsdp-kfac-empirical-auto"))
-    owned = [r["block_bytes"] for r in _ranks(runs, "fsdp-kfac-owner-empirical-auto")]
+    owned = [r["block_bytes"] for r in _ranks(runs, name)]
     assert sum(owned) == whole and all(0 < b < whole for b in owned)
+    if name.startswith("fsdp-kfac"):
+        balanced = _ranks(runs, "fsdp-kfac-balanced-empirical-auto")
+        assert all(r["block_bytes"] == whole for r in balanced)
+
+
+def test_ekfac_owner_caches_other_ranks_eigenbases(runs: Path) -> None:
+    # EKFAC's scaling statistics project every rank's samples onto the eigenbases: each rank
+    # caches those of the blocks it does not own (Linear(6, 8): 8² + 7², Linear(8, 4): 4² + 9²)
+    ranks = _ranks(runs, "fsdp-ekfac-empirical-auto")
+    assert [r["placement"] for r in ranks] == ["owner", "owner"]
+    assert sorted(r["cached_bytes"] for r in ranks) == sorted([0, (64 + 49 + 16 + 81) * 8])
 
 
 def test_sharded_checkpoint_resumes_bit_for_bit(runs: Path) -> None:
@@ -145,7 +170,6 @@ def test_whole_checkpoint_moves_between_one_process_and_sharded(runs: Path) -> N
 
 def test_unsupported_sharded_models_are_named(runs: Path) -> None:
     messages, _ = _ranks(runs, "fsdp-errors")
-    assert messages["EKFAC-owner"].startswith("ValueError: inverse_placement='owner'")
     assert messages["NaturalGradient"].startswith("TypeError: NaturalGradient does not")
     assert messages["hsdp"].startswith("ValueError: model: parameter")
     assert "1-D mesh" in messages["hsdp"]

@@ -7,9 +7,16 @@ import itertools
 import pytest
 from torch import nn
 
-from natgrad.distributed import FactorSync, balanced_placement, block_cost, rank_loads
+import natgrad
+from natgrad.distributed import (
+    FactorSync,
+    balanced_placement,
+    block_cost,
+    rank_loads,
+    resolve_placement,
+)
 from natgrad.distributed.comm import Communicator
-from natgrad.distributed.kfac import statistic_shapes
+from natgrad.distributed.kfac import kronecker_preconditioner, statistic_shapes
 from natgrad.layers.capture import find_layers
 
 # (d_in, d_out) of made-up Linear layers with bias: one big layer, a few medium, many small
@@ -75,6 +82,24 @@ def test_rejects_bad_arguments() -> None:
         balanced_placement([-1.0], 2)
     with pytest.raises(ValueError, match="placement"):
         FactorSync(Communicator(), "somewhere")
+    with pytest.raises(ValueError, match="placement"):  # the optimizer resolves "auto" first
+        FactorSync(Communicator(), "auto")
+
+
+def test_auto_placement_is_owner_for_sharded_models_only() -> None:
+    assert resolve_placement("auto", sharded=True) == "owner"
+    assert resolve_placement("auto", sharded=False) == "balanced"
+    for placement in ("balanced", "everywhere", "owner"):  # explicit choices stand
+        assert resolve_placement(placement, sharded=True) == placement
+        assert resolve_placement(placement, sharded=False) == placement
+
+
+def test_optimizers_default_to_auto_placement() -> None:
+    # on one process "auto" is "balanced" (and nothing is exchanged)
+    model = nn.Sequential(nn.Linear(3, 2))
+    for optimizer in (natgrad.KFAC, natgrad.EKFAC, natgrad.NGDCG):
+        sync = kronecker_preconditioner(optimizer(model, likelihood="gaussian")).sync
+        assert sync.placement == "balanced"
 
 
 def test_statistic_shapes_of_layers() -> None:

@@ -381,6 +381,64 @@ def test_stat_every_and_inv_every_are_respected():
     assert opt.state["natgrad"]["step"] == 6
 
 
+def _batch_input_factor(inputs: torch.Tensor) -> torch.Tensor:
+    rows = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=DTYPE)], dim=1)
+    return rows.T @ rows / len(inputs)
+
+
+def test_first_statistics_are_averaged_then_decayed():
+    """The k-th statistics enter with weight 1/k until 1 − 1/k reaches stat_decay (Martens &
+    Grosse 2015, §5), then with 1 − stat_decay: with stat_decay=0.75 the first four batches'
+    A is their plain mean, the fifth and sixth are decayed into it. The fallback diagonal
+    (empirical: the batch's squared summed gradient over N) is averaged the same way."""
+    model = make_model("mlp")
+    opt = natgrad.KFAC(model, **settings(lr=0.01, stat_decay=0.75, max_factor_size=5))
+    state = opt.state[model[0].weight]
+    last = model[-1].weight  # 3 × 5 plus a bias: its block (side 6) takes the diagonal
+    history, diagonals = [], []
+    for k in range(6):
+        inputs = make_inputs("mlp", seed=30 + k)
+        with torch.no_grad():
+            targets = make_targets("categorical", model(inputs), seed=40 + k)
+        history.append(_batch_input_factor(inputs))
+        train_step(opt, model, inputs, targets)
+        n = len(inputs)
+        diagonals.append((last.grad * n).square() / n)  # the gradient before the step
+        expected_a = torch.stack(history[:min(k + 1, 4)]).mean(0)
+        for later in history[4:k + 1]:
+            expected_a = 0.75 * expected_a + 0.25 * later
+        assert rel_err(state["input_cov"], expected_a) <= RTOL_EXACT, k
+        assert state["factor_updates"] == k + 1
+        expected_d = torch.stack(diagonals[:min(k + 1, 4)]).mean(0)
+        for later in diagonals[4:k + 1]:
+            expected_d = 0.75 * expected_d + 0.25 * later
+        assert rel_err(opt.state[last]["fisher_diag"], expected_d) <= RTOL_EXACT, k
+
+
+def test_statistics_saved_without_a_count_keep_stat_decay():
+    """State written before the averages were counted (no ``factor_updates``) is a mature
+    average: the next statistics are decayed in with stat_decay, not averaged."""
+    model = make_model("mlp")
+    opt = natgrad.KFAC(model, **settings(lr=0.01, stat_decay=0.75))
+    inputs = make_inputs("mlp", seed=50)
+    with torch.no_grad():
+        targets = make_targets("categorical", model(inputs), seed=51)
+    train_step(opt, model, inputs, targets)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry.pop("factor_updates", None)
+    opt.load_state_dict(saved)
+    state = opt.state[model[0].weight]
+    before = state["input_cov"].clone()
+    inputs = make_inputs("mlp", seed=52)
+    with torch.no_grad():
+        targets = make_targets("categorical", model(inputs), seed=53)
+    train_step(opt, model, inputs, targets)
+    expected = 0.75 * before + 0.25 * _batch_input_factor(inputs)
+    assert rel_err(state["input_cov"], expected) <= RTOL_EXACT
+    assert "factor_updates" not in state
+
+
 @pytest.mark.parametrize("kind", ["mc", "empirical"])
 def test_gradient_accumulation_over_two_micro_batches(kind):
     """Two forwards and backwards, one step: A is the full batch's A. With each micro-batch's

@@ -62,8 +62,8 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` in each process.
         checkpoint: checkpoint file (saved, and resumed from if it exists).
         checkpoint_every: steps between checkpoints.
-        inverse_placement: ``"balanced"``, ``"everywhere"`` or ``"owner"`` (natgrad's K-FAC
-            optimizers).
+        inverse_placement: ``"auto"`` (``"owner"`` with ``fsdp``, else ``"balanced"``),
+            ``"balanced"``, ``"everywhere"`` or ``"owner"`` (natgrad's K-FAC optimizers).
         tuned: a tuned-values file instead of the one shipped with natgrad.
         fsdp: shard the model with FSDP2 (``fully_shard``) instead of wrapping it in DDP.
     """
@@ -80,7 +80,7 @@ class TrainConfig:
     threads: int = 1
     checkpoint: Path | None = None
     checkpoint_every: int = 50
-    inverse_placement: str = "balanced"
+    inverse_placement: str = "auto"
     tuned: Path | None = None
     fsdp: bool = False
 
@@ -363,11 +363,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "resume from PATH if it exists")
     parser.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="K",
                         help="steps between checkpoints (default: %(default)s)")
-    parser.add_argument("--inverse-placement", choices=("balanced", "everywhere", "owner"),
-                        default="balanced",
+    parser.add_argument("--inverse-placement",
+                        choices=("auto", "balanced", "everywhere", "owner"), default="auto",
                         help="K-FAC inverses: one rank each, balanced by cost, then broadcast; "
                         "every rank computes all; or each block's state lives on its owner "
-                        "only (default: %(default)s)")
+                        "only; auto: owner with --fsdp, else balanced (default: %(default)s)")
     parser.add_argument("--fsdp", action="store_true",
                         help="shard the model with FSDP2 (fully_shard: one unit per untied "
                         "layer, then the root) instead of wrapping it in DDP; needs 2 or more "

@@ -23,6 +23,7 @@ from natgrad.distributed.placement import (
     balanced_placement,
     block_cost,
     rank_loads,
+    resolve_placement,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "optimizer_state_dict",
     "optimizer_template",
     "rank_loads",
+    "resolve_placement",
     "save_dcp",
     "unwrap_model",
 ]

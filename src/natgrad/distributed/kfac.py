@@ -14,7 +14,11 @@ preconditions the (all-reduced) gradient itself and the parameters stay identica
 summed statistics into its moving averages, refreshes the inverses and preconditions the
 block's gradient; every step the owners broadcast their blocks' directions (one broadcast per
 owning rank, bucketed), so every rank ends the step with the same directions while holding
-about 1/W of the blocks' factors and inverses (:meth:`FactorSync.share_directions`).
+about 1/W of the blocks' factors and inverses (:meth:`FactorSync.share_directions`). EKFAC's
+scaling statistics Σ (Q_Gᵀ Xₙ Q_A)² need the eigenbases where the samples are: after a
+refresh each owner broadcasts its blocks' new eigenbases once (at the next statistics step,
+:meth:`FactorSync.eigenbases`), and the other ranks keep them as a cache outside the
+optimizer state; the summed scaling is kept by the owner alone.
 
 References:
     Osawa et al., Large-scale distributed second-order optimization using
@@ -47,7 +51,7 @@ Shape = tuple[int, ...]
 # shared block's per-use factors: what a rank that does not own the block leaves out
 BLOCK_KEYS = ("input_cov", "grad_cov", "input_inv", "grad_inv", "fisher_block", "block_inv",
               "eigvecs_out", "eigvecs_in", "scaling", "shared_left", "shared_right",
-              "shared_scale", "factor_updates")
+              "shared_scale", "factor_updates", "eigvecs_version")
 _BLOCK_PREFIXES = ("input_cov.", "grad_cov.")
 
 
@@ -130,12 +134,17 @@ class FactorSync:
     """
 
     def __init__(self, comm: Communicator, placement: str = "balanced") -> None:
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+        if placement not in PLACEMENTS[1:]:  # "auto" is resolved by the optimizer
+            raise ValueError(f"placement must be one of {list(PLACEMENTS[1:])}, got "
+                             f"{placement!r}")
         self.comm = comm
         self.placement = placement
         self._shapes: dict[str, tuple[Shape | None, Shape]] = {}
         self._owners: tuple[tuple[int, tuple[str, ...]], dict[str, int]] | None = None
+        # "owner" with EKFAC: the eigenbases of blocks other ranks own (Q_G, Q_A), and the
+        # version of each block's eigenbases last broadcast (the same on every rank)
+        self._bases: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._sent: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
@@ -181,10 +190,70 @@ class FactorSync:
 
     def prune(self, blocks: dict[str, Block]) -> None:
         """Drop the state of the blocks this rank does not own (after loading a checkpoint
-        that holds every block)."""
+        that holds every block) and the cached eigenbases of other ranks' blocks (the next
+        statistics step broadcasts them again)."""
         for name, block in blocks.items():
             for key in [k for k in block.state if self.drops(blocks, name, k)]:
                 del block.state[key]
+        self._bases, self._sent = {}, {}
+
+    def cached_bytes(self) -> int:
+        """Bytes of the eigenbases this rank holds for blocks other ranks own (EKFAC)."""
+        return sum(t.numel() * t.element_size() for bases in self._bases.values()
+                   for t in bases if t is not None)
+
+    def eigenbases(
+        self, blocks: dict[str, Block], dtype: torch.dtype
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """(Q_G, Q_A) of every refreshed EKFAC block, in block order, on every rank: the
+        scaling statistics project each rank's samples onto them.
+
+        ``"owner"`` over > 1 process (collective: every rank calls it on every statistics
+        step): the owners' eigenbasis versions (a count of refreshes, in the block's state)
+        are summed in one all-reduce of one number per EKFAC block; each block whose version
+        differs from the one last broadcast is broadcast by its owner (bucketed, one call per
+        owning rank) and cached by the other ranks. Without refreshes nothing more moves.
+        ``dtype`` is the eigenbases' (the inverse dtype).
+        """
+        names = [n for n, b in blocks.items() if isinstance(b, EigenBlock)]
+        if not self.on_owners:
+            return {n: (blocks[n].state["eigvecs_out"], blocks[n].state["eigvecs_in"])
+                    for n in names if blocks[n].refreshed}
+        if not names:
+            return {}
+        owners, rank = self.owners(blocks), self.comm.rank
+        versions = torch.tensor([float(blocks[n].state.get("eigvecs_version", 0))
+                                 if owners[n] == rank else 0.0 for n in names],
+                                dtype=torch.float64)
+        self.comm.all_reduce([versions])
+        current = dict(zip(names, (round(v) for v in versions.tolist()), strict=True))
+        for src in range(self.comm.world_size):
+            stale = [n for n in names if owners[n] == src and current[n]
+                     and current[n] != self._sent.get(n)]
+            if not stale:
+                continue
+            tensors = []
+            for name in stale:
+                block = blocks[name]
+                if rank == src:
+                    pair = (block.state["eigvecs_out"], block.state["eigvecs_in"])
+                else:
+                    input_shape, grad_shape = self._shape(name, block)
+                    device = block.handler.params[0].device
+                    pair = (torch.empty(grad_shape, dtype=dtype, device=device),
+                            None if len(input_shape) == 1
+                            else torch.empty(input_shape, dtype=dtype, device=device))
+                    self._bases[name] = pair
+                tensors += [t for t in pair if t is not None]
+                self._sent[name] = current[name]
+            self.comm.broadcast(tensors, src)
+        out = {}
+        for name in names:
+            if owners[name] == rank and blocks[name].refreshed:
+                out[name] = (blocks[name].state["eigvecs_out"], blocks[name].state["eigvecs_in"])
+            elif owners[name] != rank and current[name]:
+                out[name] = self._bases[name]
+        return out
 
     def share_directions(
         self, blocks: dict[str, Block], directions: dict[Tensor, Tensor]
@@ -280,25 +349,32 @@ class FactorSync:
         return reduced, dict(zip(diagonal_params, diag, strict=True)), totals[-1]
 
     def reduce_scaling(
-        self, blocks: dict[str, Block], parts: dict[str, tuple[Tensor | None, int]]
+        self, blocks: dict[str, Block], parts: dict[str, tuple[Tensor | None, int]],
+        dtype: torch.dtype,
     ) -> dict[str, tuple[Tensor, int]]:
-        """Σ over ranks of EKFAC's scaling sums and their sample counts (one all-reduce).
+        """Σ over ranks of EKFAC's scaling sums and their sample counts (one all-reduce),
+        for the blocks whose scaling this rank keeps.
 
-        ``parts`` maps the refreshed EKFAC blocks this rank saw to (Σ (Q_Gᵀ Xₙ Q_A)², Nᵣ).
+        ``parts`` maps every block of :meth:`eigenbases` to (Σ (Q_Gᵀ Xₙ Q_A)², Nᵣ), or
+        (None, 0) where this rank saw no samples of it; ``dtype`` is the scaling's.
         """
-        names = [n for n, b in blocks.items() if isinstance(b, EigenBlock) and b.refreshed]
+        names = list(parts)  # the blocks of :meth:`eigenbases`: the same on every rank
         tensors, counts = [], []
         for name in names:
-            total, samples = parts.get(name, (None, 0))
+            total, samples = parts[name]
             if total is None:
-                total, samples = torch.zeros_like(blocks[name].state["scaling"]), 0
+                input_shape, grad_shape = self._shape(name, blocks[name])
+                total = torch.zeros(grad_shape[0], input_shape[0], dtype=dtype,
+                                    device=blocks[name].handler.params[0].device)
+                samples = 0
             tensors.append(total)
             counts.append(samples)
         dtype = tensors[0].dtype if tensors else torch.float64
         count_tensor = _counts(counts, dtype)
         self.comm.all_reduce([*tensors, count_tensor])
         totals = [round(c) for c in count_tensor.tolist()]
-        return {n: (t, c) for n, t, c in zip(names, tensors, totals, strict=True) if c}
+        return {n: (t, c) for n, t, c in zip(names, tensors, totals, strict=True)
+                if c and self.keeps(blocks, n)}  # "owner": the scaling on the owner only
 
     # --- inverses -----------------------------------------------------------------------------
     def refresh(
@@ -317,6 +393,9 @@ class FactorSync:
             for name, block in ready.items():
                 if self.keeps(blocks, name):
                     refresh(block)
+                    if isinstance(block, EigenBlock):  # new eigenbases: broadcast them once
+                        block.state["eigvecs_version"] = block.state.get("eigvecs_version",
+                                                                         0) + 1
             return
         if self.placement == "everywhere":
             for block in ready.values():

@@ -11,7 +11,9 @@ rank. Its largest load is at most 4/3 − 1/(3W) times the best possible (Graham
 W-fold redundant work in exchange for no inverse traffic. With ``inverse_placement="owner"``
 the owner also keeps the block's factors and inverses and preconditions its gradient; the
 other ranks hold none of it and receive the block's direction every step (about 1/W of the
-state per rank, for a broadcast of the directions each step).
+state per rank, for a broadcast of the directions each step). ``inverse_placement="auto"``
+(the optimizers' default, :func:`resolve_placement`) is ``"owner"`` for a model sharded with
+FSDP2, whose users shard because the state does not fit, and ``"balanced"`` otherwise.
 """
 
 from __future__ import annotations
@@ -21,9 +23,23 @@ from collections.abc import Sequence
 
 from natgrad._checks import check_positive_int
 
-__all__ = ["PLACEMENTS", "balanced_placement", "block_cost", "rank_loads"]
+__all__ = ["PLACEMENTS", "balanced_placement", "block_cost", "rank_loads",
+           "resolve_placement"]
 
-PLACEMENTS = ("balanced", "everywhere", "owner")
+PLACEMENTS = ("auto", "balanced", "everywhere", "owner")
+
+
+def resolve_placement(placement: str, sharded: bool) -> str:
+    """``"auto"`` → ``"owner"`` for FSDP2-sharded parameters (``sharded``), else
+    ``"balanced"``; any other placement as it is.
+
+    Example:
+        >>> resolve_placement("auto", sharded=True)
+        'owner'
+    """
+    if placement != "auto":
+        return placement
+    return "owner" if sharded else "balanced"
 
 
 def block_cost(shapes: Sequence[Sequence[int]]) -> float:

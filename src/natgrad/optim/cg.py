@@ -187,7 +187,7 @@ class NGDCG(CurvatureOptimizer):
         lm_every: int = 1,
         min_damping: float = 0.1,
         initial_damping: float = 1.0,
-        inverse_placement: str = "balanced",
+        inverse_placement: str = "auto",
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",

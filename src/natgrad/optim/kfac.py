@@ -100,7 +100,10 @@ class KFAC(CurvatureOptimizer):
             inv_every=5`` takes 12–33 % fewer steps on every bench problem (seeds 0–2) but
             costs 24–45 % more per step; it saves seconds only on char-gpt and the digits
             autoencoder.
-        stat_decay: EMA decay of the statistics in [0, 1).
+        stat_decay: EMA decay of the statistics in [0, 1); the k-th statistics of a block
+            enter with weight max(1/k, 1 − stat_decay) (a plain average of the first ones,
+            Martens & Grosse 2015; on the bench, seeds 0–2, 12 % fewer steps to
+            target in all for KFAC, 4 % for EKFAC, none more than +20 steps).
         kl_clip: KL-clipping bound (None: off).
         inverse_method: ``"cholesky"`` or ``"eigh"``.
         factor_dtype, inverse_dtype: dtypes of factors and inverses (default: the
@@ -122,8 +125,10 @@ class KFAC(CurvatureOptimizer):
             and broadcasts it; ``"everywhere"`` computes every inverse on every rank and
             broadcasts nothing (W-fold compute, no inverse traffic); ``"owner"`` keeps each
             block's factors and inverses on its owner only, which preconditions and broadcasts
-            the block's direction every step (about 1/W of the state per rank; not EKFAC).
-            Ignored on one process.
+            the block's direction every step (about 1/W of the state per rank; EKFAC's
+            eigenbases are also cached on every rank); ``"auto"`` (default) is ``"owner"``
+            for a model sharded with FSDP2 and ``"balanced"`` otherwise. Ignored on one
+            process.
         process_group: the ``torch.distributed`` group of the data-parallel ranks (default:
             the default group, if one is initialised).
         curvature_rows: rows of the batch on which the quadratic model (``"auto"``
@@ -189,7 +194,7 @@ class KFAC(CurvatureOptimizer):
         lm_every: int = 1,
         min_damping: float = 1e-5,
         initial_damping: float = 1e-2,
-        inverse_placement: str = "balanced",
+        inverse_placement: str = "auto",
         process_group: Any = None,
         curvature_rows: int | str | None = "auto",
         kfac_approx: str = "expand",

@@ -33,7 +33,7 @@ from natgrad._checks import (
     check_positive_int,
 )
 from natgrad.curvature.batch import StepBatch
-from natgrad.curvature.ekfac import EigenBlock, scaling_sum
+from natgrad.curvature.ekfac import scaling_sum
 from natgrad.curvature.kfac import (
     KFAC_APPROX,
     DenseBlock,
@@ -47,7 +47,7 @@ from natgrad.curvature.sampling import LabelSampler
 from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.curvature.tangents import supports_trace
 from natgrad.distributed.kfac import FactorSync, statistic_shapes
-from natgrad.distributed.placement import PLACEMENTS
+from natgrad.distributed.placement import PLACEMENTS, resolve_placement
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.capture import LayerCapture, find_layers
 
@@ -183,7 +183,7 @@ class KroneckerPreconditioner:
         state: the optimizer's per-parameter state.
         kind: ``FisherKind.MC`` (sampled-label δ's) or ``FisherKind.EMPIRICAL``.
         mc_samples: sampled labels per input (weights of the draws).
-        stat_decay: EMA decay of the statistics.
+        stat_decay: EMA decay of the statistics (the first ones averaged, :meth:`_decay`).
         inv_every: steps between inverse (eigenbasis) refreshes.
         inverse_method: ``"cholesky"`` or ``"eigh"``.
         factor_dtype, inverse_dtype: dtypes of the statistics and of the inverses.
@@ -226,13 +226,14 @@ class KroneckerPreconditioner:
         self.damping = damping
         self.kfac_approx = kfac_approx
         self._committed: dict[str, dict[str, Any]] | None = None
-        self._diagonal: dict[Tensor, Tensor] = {}
+        self._diagonal: dict[Tensor, Tensor] = {}  # pending, with their counts:
+        self._diagonal_updates: dict[Tensor, int | None] = {}
 
     # --- pending state ----------------------------------------------------------------------
     def rebind(self, state: Any) -> None:
         """Point the blocks at the optimizer's state (a new one after ``load_state_dict``)."""
         self.state = state
-        self._committed, self._diagonal = None, {}
+        self._committed, self._diagonal, self._diagonal_updates = None, {}, {}
         for block in self.blocks.values():
             block.state = block_state(self.state, block.handler)
         self.sync.prune(self.blocks)  # "owner": a checkpoint holds every rank's blocks
@@ -252,7 +253,9 @@ class KroneckerPreconditioner:
             block.state = committed
         for p, value in self._diagonal.items():
             self.state[p]["fisher_diag"] = value
-        self._committed, self._diagonal = None, {}
+            if self._diagonal_updates.get(p) is not None:
+                self.state[p]["fisher_diag_updates"] = self._diagonal_updates[p]
+        self._committed, self._diagonal, self._diagonal_updates = None, {}, {}
 
     def discard(self) -> None:
         """Forget what :meth:`update` computed: the state is as before it."""
@@ -260,7 +263,7 @@ class KroneckerPreconditioner:
             return
         for name, block in self.blocks.items():
             block.state = self._committed[name]
-        self._committed, self._diagonal = None, {}
+        self._committed, self._diagonal, self._diagonal_updates = None, {}, {}
 
     # --- the step ---------------------------------------------------------------------------
     def update(self, batch: StepBatch, grads: dict[Tensor, Tensor], step: int) -> bool:
@@ -366,13 +369,37 @@ class KroneckerPreconditioner:
             return False
         for name, sums in new.items():
             if self.sync.keeps(self.blocks, name):  # "owner": on the block's owner only
-                self.blocks[name].update(sums, self.stat_decay)
+                block = self.blocks[name]
+                block.update(sums, self._block_decay(block))
         for name, uses in shared.items():
             if self.sync.keeps(self.blocks, name):
-                self.blocks[name].update(uses, self.stat_decay)
+                block = self.blocks[name]
+                block.update(uses, self._block_decay(block))
         for p, value in diag.items():
-            self._diagonal[p] = ema(self.state[p].get("fisher_diag"), value, self.stat_decay)
+            old = self.state[p].get("fisher_diag")
+            decay, self._diagonal_updates[p] = self._decay(
+                self.state[p].get("fisher_diag_updates"), old is not None)
+            self._diagonal[p] = ema(old, value, decay)
         return True
+
+    def _decay(self, count: int | None, started: bool) -> tuple[float, int | None]:
+        """The moving average's decay for its next statistics and its new count of them:
+        min(1 − 1/k, ``stat_decay``) for the k-th (Martens & Grosse 2015, §5). The first
+        statistics are averaged, not decayed: with a constant 0.95 the initial parameters'
+        statistics keep 0.95⁴ = 81 % of the weight after four more (20 steps at
+        ``stat_every=5``). An average saved without a count (``started``) keeps ``stat_decay``
+        and stays without one."""
+        if started and count is None:
+            return self.stat_decay, None
+        count = (count or 0) + 1
+        return min(1.0 - 1.0 / count, self.stat_decay), count
+
+    def _block_decay(self, block: Block) -> float:
+        """:meth:`_decay` for a block's factors, counted in its (pending) state."""
+        decay, count = self._decay(block.state.get("factor_updates"), block.ready)
+        if count is not None:
+            block.state["factor_updates"] = count
+        return decay
 
     def _layer_sums(self, batch: StepBatch, name: str, handler: LayerHandler) -> FactorSums:
         """The batch's statistics of the layer ``name`` (all forwards, all calls)."""
@@ -437,16 +464,17 @@ class KroneckerPreconditioner:
     def _scaling_statistics(self, batch: StepBatch) -> None:
         """EKFAC: the per-sample second moments in the (current) eigenbases."""
         parts: dict[str, tuple[Tensor | None, int]] = {}
-        for name, block in self.blocks.items():
-            if not isinstance(block, EigenBlock) or not block.refreshed:
-                continue
+        # the refreshed EKFAC blocks' eigenbases on every rank ("owner": from the owners)
+        bases = self.sync.eigenbases(self.blocks, self.inverse_dtype)
+        for name, (eigvecs_out, eigvecs_in) in bases.items():
+            block = self.blocks[name]
             total, samples = None, 0
             for i, record in enumerate(batch.records):
                 if name not in record.calls:
                     continue
                 part = scaling_sum(
                     block.handler, record.calls[name], self._draw_weights(batch, i),
-                    block.state["eigvecs_out"], block.state["eigvecs_in"],
+                    eigvecs_out, eigvecs_in,
                 )
                 total = part if total is None else total + part
                 samples += record.batch_size
@@ -454,7 +482,7 @@ class KroneckerPreconditioner:
         if not parts:
             return
         if self.sync.active:  # the scaling of every rank's batch together
-            parts = self.sync.reduce_scaling(self.blocks, parts)
+            parts = self.sync.reduce_scaling(self.blocks, parts, self.inverse_dtype)
         for name, (total, samples) in parts.items():
             if total is not None:
                 self.blocks[name].update_scaling(total, samples, self.stat_decay)
@@ -542,9 +570,6 @@ def kronecker_curvature(
                 f"{type(opt).__name__}: no Kronecker-factored block for these modules; their "
                 f"parameters {fallback_effect}: {', '.join(assignment.fallback_modules())}",
             )
-    if placement == "owner" and block_type is EigenBlock:
-        raise ValueError("inverse_placement='owner' is not supported by EKFAC yet: every rank "
-                         "needs the eigenbases for its batch's scaling statistics")
     fisher = FisherKind(kind)
     ref = params[0]
     # statistics and inverses in at least float32 (bf16 parameters: AᵀA in bf16 breaks eigh)
@@ -552,7 +577,8 @@ def kronecker_curvature(
     preconditioner = KroneckerPreconditioner(
         assignment, opt.state, kind=fisher, mc_samples=mc_samples, stat_decay=stat_decay,
         inv_every=inv_every, inverse_method=inverse_method, factor_dtype=factor_dtype,
-        inverse_dtype=inverse_dtype or factor_dtype, sync=FactorSync(opt.communicator, placement),
+        inverse_dtype=inverse_dtype or factor_dtype,
+        sync=FactorSync(opt.communicator, resolve_placement(placement, opt._sharding.sharded)),
         damping=opt.damping_of_param, warn=opt._warn_once, kfac_approx=kfac_approx,
     )
     sampler = None
