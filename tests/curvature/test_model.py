@@ -4,7 +4,10 @@ The reference is ``torch.autograd.functional.jvp`` (its double-backward route, n
 mode) on the whole batch's outputs as a function of the parameters, with attention on the
 math kernel. Models: causal self-attention written with ``F.scaled_dot_product_attention``
 (the CPU flash kernel in the training forward), PyTorch's own ``nn.TransformerEncoderLayer``,
-and a custom ``autograd.Function`` that has no forward-mode derivative.
+a custom ``autograd.Function`` that has no forward-mode derivative, a GPT with a tied head
+over every attention form natgrad's forward rule takes (causal, a learned additive mask,
+grouped-query, a boolean padding mask from keyword inputs) for k = 1, 2, 3 tangents, and
+Hugging Face's GPT-2 and Llama called with keywords.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import natgrad
 from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
+from natgrad._calls import CallLayout
 from natgrad.curvature.model import FunctionalModel, reverse_only
 
 VOCAB, WIDTH, HEADS, T, N = 7, 8, 2, 5, 4
@@ -162,3 +166,146 @@ def test_defaults_train_models_with_fused_attention(name, optimizer):
     losses = train_losses(opt, model, tokens, targets, 8)
     assert opt.state["natgrad"]["skipped_steps"] == 0
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+class TiedGPT(nn.Module):
+    """A GPT-like model over every attention form the forward rule takes: token and position
+    embeddings, pre-norm blocks (LayerNorm, SDPA, residual adds, a GELU MLP), a final
+    LayerNorm and a head tied to the token embedding.
+
+    ``attention``: ``causal`` (``is_causal``), ``bias`` (a learned additive mask with −∞ above
+    the diagonal: a mask with a tangent), ``grouped`` (two key/value heads for four query
+    heads, ``enable_gqa``, an explicit scale). Called with keywords
+    (``input_ids=..., attention_mask=...``, a dict with ``logits`` out, as Hugging Face's
+    models are) the padding mask joins the causal one as a boolean mask; left padding leaves
+    queries that see no key (PyTorch's safe softmax gives them 0).
+    """
+
+    def __init__(self, attention: str = "causal", heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.attention, self.heads = attention, heads
+        self.kv_heads = heads // 2 if attention == "grouped" else heads
+        head = WIDTH // heads
+        self.tokens, self.positions = nn.Embedding(VOCAB, WIDTH), nn.Embedding(T, WIDTH)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(WIDTH), q=nn.Linear(WIDTH, WIDTH),
+            kv=nn.Linear(WIDTH, 2 * self.kv_heads * head), proj=nn.Linear(WIDTH, WIDTH),
+            norm2=nn.LayerNorm(WIDTH), up=nn.Linear(WIDTH, 16), down=nn.Linear(16, WIDTH),
+        )) for _ in range(layers))
+        self.bias = nn.Parameter(0.1 * torch.randn(heads, T, T))
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        b, t = input_ids.shape
+        h = self.tokens(input_ids) + self.positions(torch.arange(t))
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        options = {"is_causal": True}
+        if attention_mask is not None:
+            options = {"attn_mask": causal & attention_mask.bool()[:, None, None, :]}
+        elif self.attention == "bias":
+            options = {"attn_mask": self.bias[:, :t, :t].masked_fill(~causal, -torch.inf)}
+        elif self.attention == "grouped":
+            options = {"is_causal": True, "enable_gqa": True, "scale": 0.3}
+        for block in self.blocks:
+            q = block["q"](block["norm1"](h)).view(b, t, self.heads, -1).transpose(1, 2)
+            k, v = block["kv"](block["norm1"](h)).view(b, t, 2, self.kv_heads, -1).unbind(2)
+            attended = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                                      **options)
+            h = h + block["proj"](attended.transpose(1, 2).reshape(b, t, WIDTH))
+            h = h + block["down"](F.gelu(block["up"](block["norm2"](h))))
+        logits = self.head(self.norm(h))
+        return logits if attention_mask is None else {"logits": logits}
+
+
+def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], layout: CallLayout | None,
+               tangent: list[torch.Tensor]) -> torch.Tensor:
+    """J·t by ``torch.autograd.functional.jvp`` (double backward) on the math kernel."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def outputs(*ps):
+        kwargs = {} if layout is None else layout.keywords_of(inputs)
+        positional = inputs if layout is None else inputs[: layout.positional]
+        out = torch.func.functional_call(model, dict(zip(names, ps, strict=True)), positional,
+                                         kwargs)
+        return out if isinstance(out, torch.Tensor) else out["logits"]  # a dict or ModelOutput
+
+    params = tuple(p.detach() for p in model.parameters())
+    with sdpa_kernel([SDPBackend.MATH]):
+        return torch.autograd.functional.jvp(outputs, params, tuple(tangent))[1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("attention", ["causal", "bias", "grouped", "keywords"])
+def test_products_of_a_tied_transformer(attention, k, monkeypatch):
+    """k tangents at once through :meth:`FunctionalModel.jvp` (natgrad's attention rule),
+    each against ``torch.autograd.functional.jvp``; outputs against the training forward."""
+    from natgrad.curvature import forward_rules
+
+    calls = []
+    original = forward_rules._Attention.forward
+    monkeypatch.setattr(forward_rules._Attention, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    torch.manual_seed(0)
+    model = TiedGPT("causal" if attention == "keywords" else attention).to(DTYPE)
+    tokens = torch.randint(VOCAB, (N, T), generator=torch.Generator().manual_seed(1))
+    layout = None
+    inputs = (tokens,)
+    if attention == "keywords":  # left padding: row 0's first query sees no key
+        mask = torch.ones(N, T, dtype=torch.long)
+        mask[0, :2] = mask[1, :1] = 0
+        layout = CallLayout(0, ("input_ids", "attention_mask"))
+        inputs = (tokens, mask)
+    gen = torch.Generator().manual_seed(2)
+    tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in model.parameters()]
+                for _ in range(k)]
+    fmodel = FunctionalModel(model, layout=layout)
+    outputs, products = fmodel.jvp(inputs, tangents)
+    assert len(calls) == 2 * k  # every block's attention went through the rule
+    assert not reverse_only(model)
+    training = fmodel.call(inputs).detach()
+    assert torch.isfinite(training).all()
+    assert rel_err(outputs, training) <= RTOL_EXACT
+    for tangent, product in zip(tangents, products, strict=True):
+        assert rel_err(product, _reference(model, inputs, layout, tangent)) <= RTOL_EXACT
+    # the tied weight is one parameter: its tangent moves the embedding and the head together
+    assert len(fmodel.params) == len(list(model.parameters()))
+
+
+def _hugging_face(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if name == "gpt2":  # NewGELU (Python numbers), Conv1D layers, tied head
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=16, n_embd=WIDTH, n_layer=2, n_head=HEADS,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        build = transformers.GPT2LMHeadModel
+    else:  # rotary embeddings (constants times tangents), RMSNorm, grouped-query attention
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=16,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        build = transformers.LlamaForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return build(config).to(DTYPE)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_products_of_hugging_face_models_called_with_keywords(name):
+    """Hugging Face causal LMs called as ``model(input_ids=..., attention_mask=...)`` with
+    left and right padding: two tangents against ``torch.autograd.functional.jvp``."""
+    model = _hugging_face(name)
+    tokens = torch.randint(1, VOCAB, (N, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(N, T, dtype=torch.long)
+    mask[0, :2] = mask[1, -1] = 0
+    layout = CallLayout(0, ("input_ids", "attention_mask"))
+    gen = torch.Generator().manual_seed(2)
+    tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in model.parameters()]
+                for _ in range(2)]
+    fmodel = FunctionalModel(model, layout=layout)
+    outputs, products = fmodel.jvp((tokens, mask), tangents)
+    assert not reverse_only(model)
+    assert rel_err(outputs, fmodel.call((tokens, mask)).detach()) <= RTOL_EXACT
+    for tangent, product in zip(tangents, products, strict=True):
+        assert rel_err(product, _reference(model, (tokens, mask), layout, tangent)) <= RTOL_EXACT

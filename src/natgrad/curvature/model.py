@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from natgrad._calls import CallLayout, model_output
 from natgrad._checks import check_positive_int
+from natgrad.curvature.forward_rules import ForwardRules
 from natgrad.likelihoods import Likelihood
 from natgrad.losses import LossSpec
 
@@ -233,8 +234,11 @@ class FunctionalModel:
 
         Forward-mode AD on the module itself, with its parameters swapped for dual tensors
         (cheaper than ``torch.func.jvp`` over ``functional_call``); buffers are copies, so
-        running statistics are not touched. Attention runs on PyTorch's math kernel inside
-        the product (:func:`product_kernels`: the fused kernels have no forward-mode AD).
+        running statistics are not touched. Attention and binary operations with a constant
+        operand use natgrad's forward-mode rules (:mod:`natgrad.curvature.forward_rules`: the
+        product costs a fifth less on the bench's char-gpt, a quarter less on a Hugging Face
+        Llama); attention those rules do not take runs on PyTorch's math kernel
+        (:func:`product_kernels`: the fused kernels have no forward-mode AD).
         An operation without forward-mode AD (a custom ``autograd.Function`` without
         ``jvp``) switches this model, for good, to reverse-over-reverse products
         (:meth:`jvp_reverse`), which need only backward formulas.
@@ -254,7 +258,8 @@ class FunctionalModel:
     ) -> tuple[Tensor, list[Tensor]]:
         products = []
         outputs = None
-        with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings(), product_kernels():
+        with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings(), product_kernels(), \
+                ForwardRules():
             # torch's own forward-mode code warns about its use of torch.jit.script
             warnings.simplefilter("ignore", DeprecationWarning)
             for tangent in tangents:  # t -> J t
