@@ -1,6 +1,7 @@
-"""A worker lost mid-run under torchrun's elastic restart: nothing is lost.
+"""A worker lost mid-run under torchrun's elastic restart: nothing is lost (DDP and FSDP2).
 
-``natgrad train`` on two gloo processes checkpoints every 4 steps; under
+``natgrad train`` on two gloo processes (DDP, or with ``--fsdp`` the model sharded by
+``fully_shard`` and K-FAC's blocks on their owners) checkpoints every 4 steps; under
 ``torchrun --max-restarts=1`` rank 1 dies abruptly after step 10 on the first attempt
 (:mod:`elastic_worker`). torchrun restarts both ranks, which resume from the step-8
 checkpoint and finish. The result must equal, bit for bit, an uninterrupted run started by
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from dist_launch import HERE, TIMEOUT, worker_env
 
@@ -32,9 +34,11 @@ def _params(path: Path) -> list[torch.Tensor]:
     return list(torch.load(path, weights_only=False)["model"].values())
 
 
-def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_killed_worker_resumes_from_checkpoint(tmp_path: Path, sharding: list[str]) -> None:
+    args = [*ARGS, *sharding]
     plain = subprocess.run(
-        [sys.executable, "-m", "natgrad.cli", "train", *ARGS, "--nproc", "2",
+        [sys.executable, "-m", "natgrad.cli", "train", *args, "--nproc", "2",
          "--checkpoint", str(tmp_path / "plain.pt")],
         env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT,
     )
@@ -47,7 +51,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
     elastic = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
          "--nproc-per-node=2", "--max-restarts=1", "--monitor-interval=0.2",
-         str(HERE / "elastic_worker.py"), *ARGS, "--checkpoint", str(tmp_path / "elastic.pt")],
+         str(HERE / "elastic_worker.py"), *args, "--checkpoint", str(tmp_path / "elastic.pt")],
         env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert elastic.returncode == 0, elastic.stdout + elastic.stderr
@@ -58,6 +62,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
     restarted = _summary(elastic.stdout)
     assert restarted["start_step"] == 8  # ... and the run resumed at the last checkpoint
     assert restarted["processes"] == 2
+    assert restarted.get("sharding") == ("fsdp" if sharding else "ddp")
     expected = _summary(plain.stdout)
     assert restarted["final_train_loss"] == expected["final_train_loss"]
     for a, b in zip(_params(tmp_path / "plain.pt"), _params(tmp_path / "elastic.pt"), strict=True):
