@@ -52,45 +52,57 @@ _SDPA = F.scaled_dot_product_attention
 
 class _Attention(torch.autograd.Function):
     """softmax(q kᵀ·scale + bias) v, rows in ``empty`` set to zero; tangent in the module doc.
-    Forward-mode only (natgrad's products run without a graph)."""
+    q, k, v share their batch dimensions ``[*B]``; bias and ``empty`` broadcast to
+    ``[*B, L, S]``. Batched matrix products on ``[prod(B), ·, ·]`` views, the additions folded
+    into them. Forward-mode only (natgrad's products run without a graph)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                 empty: Tensor | None, scale: float) -> Tensor:
         ctx.set_materialize_grads(False)  # no tangent: None, not zeros
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
-        if bias is not None:
-            scores = scores + bias
+        *batch, length, width = q.shape
+        source = k.shape[-2]
+        q, k, v = q.reshape(-1, length, width), k.reshape(-1, source, width), \
+            v.reshape(-1, source, v.shape[-1])
+        if bias is not None and bias.dim() == 2:  # s = q kᵀ·c + B in one product
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+            if bias is not None:
+                scores.view(*batch, length, source).add_(bias)
         probs = torch.softmax(scores, dim=-1)
         if empty is not None:  # rows masked everywhere: 0, as PyTorch's safe softmax
-            probs = probs.masked_fill(empty, 0.0)
+            probs.view(*batch, length, source).masked_fill_(empty, 0.0)
         ctx.save_for_forward(q, k, v, probs)
-        ctx.scale = scale
-        return torch.matmul(probs, v)
+        ctx.scale, ctx.batch = scale, batch
+        return torch.bmm(probs, v).view(*batch, length, v.shape[-1])
 
     @staticmethod
     def jvp(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
             dbias: Tensor | None, _empty: None, _scale: None) -> Tensor | None:
         q, k, v, probs = ctx.saved_tensors
+        scores_shape = (*ctx.batch, *probs.shape[1:])
         dscores = None  # ṡ = (q̇ kᵀ + q k̇ᵀ)·c + Ḃ
         if dq is not None:
-            dscores = torch.matmul(dq, k.transpose(-2, -1))
+            dscores = torch.bmm(dq.reshape(q.shape), k.transpose(1, 2))
         if dk is not None:
-            term = torch.matmul(q, dk.transpose(-2, -1))
-            dscores = term if dscores is None else dscores.add_(term)
+            dk = dk.reshape(k.shape).transpose(1, 2)
+            dscores = torch.bmm(q, dk) if dscores is None else dscores.baddbmm_(q, dk)
         if dscores is not None:
-            dscores = dscores.mul_(ctx.scale)
-        if dbias is not None:
-            dscores = dbias if dscores is None else dscores + dbias
+            dscores.mul_(ctx.scale)
+        if dbias is not None and dscores is not None:
+            dscores.view(scores_shape).add_(dbias)
+        elif dbias is not None:
+            dscores = dbias.expand(scores_shape).reshape(probs.shape)
         out = None
         if dscores is not None:  # Ṗ = P ⊙ (ṡ − rowsum(P ⊙ ṡ)), then Ṗ v
             weighted = probs * dscores
-            dprobs = weighted.sub_(probs * weighted.sum(-1, keepdim=True))
-            out = torch.matmul(dprobs, v)
+            dprobs = weighted.addcmul_(probs, weighted.sum(-1, keepdim=True), value=-1)
+            out = torch.bmm(dprobs, v)
         if dv is not None:
-            term = torch.matmul(probs, dv)
-            out = term if out is None else out.add_(term)
-        return out
+            dv = dv.reshape(v.shape)
+            out = torch.bmm(probs, dv) if out is None else out.baddbmm_(probs, dv)
+        return None if out is None else out.view(*ctx.batch, probs.shape[1], v.shape[-1])
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # pragma: no cover - products run without a graph
@@ -117,10 +129,18 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         if plain:  # grouped-query attention: each key/value head serves `groups` query heads
             key = key.repeat_interleave(groups, dim=-3)
             value = value.repeat_interleave(groups, dim=-3)
+    length, source = query.shape[-2], key.shape[-2]
+    if plain:  # keys, values and mask broadcast over the queries' batch (not the other way)
+        scores = (*query.shape[:-2], length, source)
+        shapes = [(*key.shape[:-2], length, source), (*value.shape[:-2], length, source)]
+        shapes += [] if attn_mask is None else [attn_mask.shape]
+        try:
+            plain = torch.broadcast_shapes(scores, *shapes) == scores
+        except RuntimeError:
+            plain = False
     if not plain:
         return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    length, source = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     bias = empty = None
     if is_causal:  # query i sees keys 0..i (top left aligned), never an empty row
@@ -133,6 +153,9 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     elif attn_mask is not None:
         bias = attn_mask
         empty = torch.isneginf(attn_mask).all(-1, keepdim=True)
+    batch = query.shape[:-2]  # keys and values broadcast over the queries' batch
+    key = key.expand(*batch, *key.shape[-2:])
+    value = value.expand(*batch, *value.shape[-2:])
     return _Attention.apply(query, key, value, bias, empty, scale)
 
 
