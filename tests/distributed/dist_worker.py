@@ -103,6 +103,7 @@ class Scenario:
     odd: bool = False  # the model with odd widths (uneven shards)
     kept: bool = False  # FSDP keeps the parameters unsharded after backward
     frozen: bool = False  # the LayerNorm's weight does not train (sharded, not optimized)
+    hsdp: bool = False  # HSDP: fully_shard on a (W/2 replicas) × (2 shards) mesh
 
 
 SCENARIOS = {
@@ -149,18 +150,25 @@ FSDP_SCENARIOS.update({
     "fsdp-kfac-owner-true-auto": Scenario("KFAC", {**SCENARIOS["kfac-true-auto"].settings,
                                                    **OWNER}, exact=False, sharded=True),
 })
+# HSDP on 4 ranks: shards within pairs of ranks, replicated over the pairs
+FSDP_SCENARIOS.update({
+    f"hsdp-{name}": Scenario(SCENARIOS[name].optimizer, SCENARIOS[name].settings, sharded=True,
+                             hsdp=True)
+    for name in ("kfac-empirical-auto", "ekfac-empirical-auto")
+})
 FSDP_CHECKPOINTED = "fsdp-kfac-owner-empirical-auto"
 
 
-def shard_model(model: nn.Module, kept: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, kept: bool = False, mesh: Any = None) -> nn.Module:
     """FSDP2 on every Linear and on the model (LayerNorm and Scale in the root's group);
-    ``kept``: the parameters stay unsharded after backward (resharded at the next forward)."""
+    ``kept``: the parameters stay unsharded after backward (resharded at the next forward);
+    ``mesh``: a 2-D device mesh for HSDP (default: FSDP2 over all ranks)."""
     from torch.distributed.fsdp import fully_shard
 
     for module in model:
         if isinstance(module, nn.Linear):
-            fully_shard(module)
-    model = fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    model = fully_shard(model, mesh=mesh)
     if kept:
         model.set_reshard_after_backward(False)
     return model
@@ -225,7 +233,13 @@ def run_scenario(
         start = checkpoint["step"]
     wrapped = model
     if sharded:
-        wrapped = model = shard_model(model, scenario.kept)
+        mesh = None
+        if scenario.hsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (world // 2, 2),
+                                    mesh_dim_names=("replicate", "shard"))
+        wrapped = model = shard_model(model, scenario.kept, mesh)
     elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -315,15 +329,15 @@ def block_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def check_fsdp_errors() -> dict[str, str]:
     """What the optimizers say about sharded models they do not support (message by case)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     messages = {}
     cases = {
         "NaturalGradient": lambda: natgrad.NaturalGradient(shard_model(build_model())),
-        "hsdp": lambda: natgrad.KFAC(  # a 2-D mesh: (Replicate, Shard(0)) placements
-            fully_shard(build_model(), mesh=init_device_mesh("cpu", (1, 2),
-                                                             mesh_dim_names=("r", "s"))),
+        "dim1": lambda: natgrad.KFAC(  # matrices sharded on dim 1
+            fully_shard(build_model(),
+                        shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0)),
         ),
     }
     for case, make in cases.items():

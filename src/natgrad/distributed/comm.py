@@ -68,6 +68,20 @@ class Communicator:
         self.group = group
         self.bytes = 0
         self.calls = 0
+        self._parent: Communicator | None = None
+
+    def within(self, group: Any) -> Communicator:
+        """A communicator over ``group`` (a subgroup of this one's ranks, e.g. HSDP's shard
+        group) whose traffic also counts in this one's :attr:`bytes` and :attr:`calls`."""
+        sub = Communicator(group)
+        sub._parent = self
+        return sub
+
+    def _count(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        self.calls += 1
+        if self._parent is not None:
+            self._parent._count(nbytes)
 
     # --- the group --------------------------------------------------------------------------
     @property
@@ -112,8 +126,7 @@ class Communicator:
         for bucket in self._buckets(tensors):
             flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
             op(flat)
-            self.bytes += flat.numel() * flat.element_size()
-            self.calls += 1
+            self._count(flat.numel() * flat.element_size())
             offset = 0
             for t in bucket:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -150,8 +163,7 @@ class Communicator:
         local = tensor.to(self.device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
-        self.bytes += local.numel() * local.element_size()
-        self.calls += 1
+        self._count(local.numel() * local.element_size())
         return [p.to(tensor.device) for p in parts]
 
     def barrier(self) -> None:

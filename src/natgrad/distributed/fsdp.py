@@ -3,9 +3,13 @@
 Under ``torch.distributed.fsdp.fully_shard`` every parameter is a DTensor sharded along
 dim 0 (``Shard(0)`` on a 1-D mesh): rank r holds rows [r·c, (r+1)·c) with c = ⌈d₀/W⌉, and
 after ``backward`` its gradient is sharded the same way (the mean of the ranks' gradients,
-reduce-scattered by FSDP). natgrad's step needs whole tensors: a Kronecker block
-preconditions its layer's whole gradient matrix G⁻¹ X A⁻¹, and the quadratic model evaluates
-the model at whole parameters. :class:`ShardedParams` provides them, losslessly:
+reduce-scattered by FSDP). Under HSDP (a 2-D mesh, ``(Replicate(), Shard(0))``) the same
+holds within each shard group of S ranks (c = ⌈d₀/S⌉; FSDP all-reduces the shards' gradients
+over the replicas), so the whole tensors are gathered within the shard group.
+
+natgrad's step needs whole tensors: a Kronecker block preconditions its layer's whole
+gradient matrix G⁻¹ X A⁻¹, and the quadratic model evaluates the model at whole parameters.
+:class:`ShardedParams` provides them, losslessly:
 
 * :meth:`ShardedParams.whole`: the whole tensors of sharded ones, one bucketed all-gather of
   the padded dim-0 shards per dtype (the gradient at the start of the step, the parameters);
@@ -246,27 +250,44 @@ def param_sharding(model: nn.Module, comm: Communicator) -> WholeParams:
     """:class:`ShardedParams` for a model with FSDP2-sharded parameters, else
     :class:`WholeParams`.
 
+    FSDP2 shards over a 1-D mesh of all the ranks (``Shard(0)``); HSDP (``fully_shard`` with
+    a 2-D mesh, placements ``(Replicate(), Shard(0))``) shards over the mesh's second
+    dimension and replicates over its first. The whole tensors are then gathered within each
+    shard group, while the data-parallel exchange (statistics, owners, directions) spans every
+    rank of ``comm``, as for FSDP2.
+
     Raises:
-        ValueError: sharded parameters that are not ``Shard(0)`` on a 1-D mesh of the
-            communicator's ranks (HSDP's 2-D mesh, tensor parallelism: not supported yet).
+        ValueError: sharded parameters on another layout (tensor parallelism, a mesh of
+            other ranks than the communicator's, parameters on different meshes).
     """
     params = list(model.parameters())
     if not any(is_sharded(p) for p in params):
         return WholeParams()
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
+    meshes = []
     for name, p in model.named_parameters():
         if not is_sharded(p):
             continue
         mesh = p.device_mesh
-        if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        layouts = {1: (Shard(0),), 2: (Replicate(), Shard(0))}
+        if tuple(p.placements) != layouts.get(mesh.ndim):
             raise ValueError(
                 f"model: parameter {name!r} is a DTensor with placements {p.placements} on "
-                f"a {mesh.ndim}-D mesh; natgrad supports fully_shard's Shard(0) on a 1-D mesh"
+                f"a {mesh.ndim}-D mesh; natgrad supports fully_shard's Shard(0) on a 1-D "
+                "mesh and HSDP's (Replicate(), Shard(0)) on a 2-D mesh"
             )
         if mesh.size() != comm.world_size:
             raise ValueError(
                 f"model: parameter {name!r} is sharded over {mesh.size()} ranks, but the "
                 f"optimizer's process group has {comm.world_size}"
             )
+        if all(mesh != m for m in meshes):
+            meshes.append(mesh)
+    if len(meshes) > 1:
+        raise ValueError("model: parameters sharded over different device meshes; natgrad "
+                         "needs one mesh for the whole model")
+    mesh = meshes[0]
+    if mesh.ndim == 2:  # HSDP: gather within this rank's shard group
+        return ShardedParams(model, comm.within(mesh.get_group(1)))
     return ShardedParams(model, comm)
