@@ -165,7 +165,7 @@ def test_scaling_restarts_from_kfac_eigenvalues_then_averages():
     """stat_decay=0.5: on a refresh s = ½ g⊗a + ½ s_batch; a refresh on a step without
     statistics (stat_every=2) leaves s = g⊗a of the current factors."""
     opt, before, inputs, targets = ekfac_after_one_step(
-        "mlp", "categorical", stat_decay=0.5, stat_every=2
+        "mlp", "categorical", stat_decay=0.5, stat_every=2, curvature_warmup=0
     )
     module, state = before[0], opt.state[opt.model[0].weight]
     kfac_eigs = torch.outer(

@@ -349,7 +349,7 @@ def test_stat_every_and_inv_every_are_respected():
         with torch.no_grad():
             batches.append((inputs, make_targets("categorical", model(inputs), seed=20 + k)))
     opt = natgrad.KFAC(
-        model, **settings(lr=0.1, stat_every=2, inv_every=3, stat_decay=0.5)
+        model, **settings(lr=0.1, stat_every=2, inv_every=3, stat_decay=0.5, curvature_warmup=0)
     )
     state = opt.state[model[0].weight]
     keys = ("input_cov", "grad_cov", "input_inv", "grad_inv")
@@ -379,6 +379,30 @@ def test_stat_every_and_inv_every_are_respected():
     eye = torch.eye(G.shape[0], dtype=DTYPE)
     assert rel_err(history[3]["grad_inv"], torch.linalg.inv(G + root / pi * eye)) <= RTOL_EXACT
     assert opt.state["natgrad"]["step"] == 6
+
+
+@pytest.mark.parametrize("cls", [natgrad.KFAC, natgrad.EKFAC, natgrad.NGDCG])
+def test_curvature_warmup_gathers_and_refreshes_every_step_first(cls):
+    """curvature_warmup=3, stat_every=4, inv_every=5: statistics on steps 0, 1, 2, 4, 8 and
+    refreshes on 0, 1, 2, 5; a plain-gradient step (no statistics yet) never happens."""
+    model = make_model("mlp")
+    extra = {} if cls is natgrad.NGDCG else {"kl_clip": None}
+    opt = cls(model, lr=0.1, damping=DAMPING, momentum=0.0, kind="empirical",
+              stat_every=4, inv_every=5, curvature_warmup=3, **extra)
+    state = opt.state[model[0].weight]
+    inverse = "scaling" if cls is natgrad.EKFAC else "input_inv"
+    history = []
+    for k in range(9):
+        inputs = make_inputs("mlp", seed=60 + k)
+        with torch.no_grad():
+            targets = make_targets("categorical", model(inputs), seed=70 + k)
+        train_step(opt, model, inputs, targets)
+        history.append((state["factor_updates"], state["input_cov"].clone(),
+                        state[inverse].clone()))
+    assert [h[0] for h in history] == [1, 2, 3, 3, 4, 4, 4, 4, 5]
+    refreshed = [k for k in range(1, 9) if not torch.equal(history[k][2], history[k - 1][2])]
+    # EKFAC's scaling also moves on statistics steps (4, 8)
+    assert refreshed == ([1, 2, 4, 5, 8] if cls is natgrad.EKFAC else [1, 2, 5])
 
 
 def _batch_input_factor(inputs: torch.Tensor) -> torch.Tensor:
@@ -513,6 +537,9 @@ INVALID = [
     (dict(inv_every=0), ValueError, "inv_every"),
     (dict(inv_every=1.5), ValueError, "inv_every"),
     (dict(stat_decay=1.0), ValueError, "stat_decay"),
+    (dict(curvature_warmup=-1), ValueError, "curvature_warmup"),
+    (dict(curvature_warmup=2.0), ValueError, "curvature_warmup"),
+    (dict(curvature_warmup=True), ValueError, "curvature_warmup"),
     (dict(kl_clip=0.0), ValueError, "kl_clip"),
     (dict(mc_samples=0), ValueError, "mc_samples"),
     (dict(kind="bogus"), ValueError, "kind"),

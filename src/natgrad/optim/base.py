@@ -96,6 +96,7 @@ class CurvatureOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     preconditioner: Preconditioner
     stat_every: int | None = None  # steps between statistics (None: the capture never gathers)
+    curvature_warmup: int = 0  # the first steps gather statistics every step
     kl_clip: float | None = None  # KL-clipping bound of a fixed lr (KFAC, EKFAC)
 
     def __init__(
@@ -251,9 +252,11 @@ class CurvatureOptimizer(Optimizer):
         self._schedule_statistics()
 
     def _schedule_statistics(self) -> None:
-        # statistics are gathered on steps 0, stat_every, 2·stat_every, ...
+        # statistics are gathered on every step before curvature_warmup, then on multiples
+        # of stat_every
         step = self.global_state["step"]
-        self._capture.gathering = self.stat_every is not None and step % self.stat_every == 0
+        self._capture.gathering = self.stat_every is not None and (
+            step < self.curvature_warmup or step % self.stat_every == 0)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

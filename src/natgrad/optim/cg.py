@@ -132,7 +132,8 @@ class NGDCG(CurvatureOptimizer):
     batches (one all-reduce per CG iteration), so every rank solves the same system.
 
     Args:
-        model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every, stat_decay,
+        model, params, loss, likelihood, kind, mc_samples, stat_every, inv_every,
+        curvature_warmup, stat_decay,
         factor_dtype, inverse_dtype, exclude, output_fn, seed, weight_decay,
         decoupled_weight_decay, inverse_method, inverse_placement, process_group,
         curvature_rows, kfac_approx, grad_scaler, max_factor_size: as in
@@ -177,6 +178,7 @@ class NGDCG(CurvatureOptimizer):
         preconditioner: str = "kfac",
         stat_every: int = 5,
         inv_every: int = 10,
+        curvature_warmup: int = 20,
         stat_decay: float = 0.95,
         inverse_method: str = "cholesky",
         factor_dtype: torch.dtype | None = None,
@@ -202,7 +204,7 @@ class NGDCG(CurvatureOptimizer):
         preconditioner = check_choice("preconditioner", preconditioner, PRECONDITIONERS)
         kind, inverse_method, placement = check_statistics(
             kind, mc_samples, stat_every, inv_every, stat_decay, inverse_method, factor_dtype,
-            inverse_dtype, inverse_placement, kfac_approx,
+            inverse_dtype, inverse_placement, kfac_approx, curvature_warmup,
         )
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
@@ -220,6 +222,7 @@ class NGDCG(CurvatureOptimizer):
             ))
         else:
             self.stat_every = stat_every
+            self.curvature_warmup = curvature_warmup
             inner = kronecker_curvature(
                 self, exclude=exclude, block_type=KroneckerBlock, kind=kind,
                 mc_samples=mc_samples, stat_decay=stat_decay, inv_every=inv_every,
@@ -227,5 +230,6 @@ class NGDCG(CurvatureOptimizer):
                 inverse_dtype=inverse_dtype, placement=placement, kfac_approx=kfac_approx,
                 fallback_effect="are preconditioned in CG by the diagonal Fisher instead",
                 diagonal_only=preconditioner == "diagonal", max_factor_size=max_factor_size,
+                warmup=curvature_warmup,
             )
         self.preconditioner = ConjugateGradientSolve(self, inner, cg_max_iters, cg_tol)

@@ -185,6 +185,7 @@ class KroneckerPreconditioner:
         mc_samples: sampled labels per input (weights of the draws).
         stat_decay: EMA decay of the statistics (the first ones averaged, :meth:`_decay`).
         inv_every: steps between inverse (eigenbasis) refreshes.
+        warmup: steps at the start that refresh every step.
         inverse_method: ``"cholesky"`` or ``"eigh"``.
         factor_dtype, inverse_dtype: dtypes of the statistics and of the inverses.
         kfac_approx: ``"expand"`` or ``"reduce"`` (:func:`natgrad.curvature.kfac.record_sums`).
@@ -208,6 +209,7 @@ class KroneckerPreconditioner:
         damping: Callable[[Tensor], float],
         warn: Callable[[str, str], None] | None = None,
         kfac_approx: str = "expand",
+        warmup: int = 0,
     ) -> None:
         self.blocks = assignment.blocks
         self.warn = warn
@@ -219,6 +221,7 @@ class KroneckerPreconditioner:
         self.mc_samples = mc_samples
         self.stat_decay = stat_decay
         self.inv_every = inv_every
+        self.warmup = warmup
         self.inverse_method = inverse_method
         self.factor_dtype = factor_dtype
         self.inverse_dtype = inverse_dtype
@@ -276,7 +279,7 @@ class KroneckerPreconditioner:
         has_stats = any(r.stats for r in batch.records)
         if has_stats and not self._gather_statistics(batch, grads):
             return False
-        due = step % self.inv_every == 0
+        due = step < self.warmup or step % self.inv_every == 0
         if due or not all(b.refreshed for b in self.blocks.values() if b.ready):
             self._refresh()
         if has_stats:
@@ -504,7 +507,7 @@ class KroneckerPreconditioner:
 def check_statistics(
     kind: Any, mc_samples: Any, stat_every: Any, inv_every: Any, stat_decay: Any,
     inverse_method: Any, factor_dtype: Any, inverse_dtype: Any, placement: Any,
-    kfac_approx: Any,
+    kfac_approx: Any, curvature_warmup: Any = 0,
 ) -> tuple[str, str, str]:
     """Validate the statistics arguments of KFAC, EKFAC and NGDCG (ValueError/TypeError
     naming the argument); returns ``kind``, ``inverse_method`` and ``placement`` as str."""
@@ -513,6 +516,7 @@ def check_statistics(
     check_positive_int("mc_samples", mc_samples)
     check_positive_int("stat_every", stat_every)
     check_positive_int("inv_every", inv_every)
+    check_positive_int("curvature_warmup", curvature_warmup, allow=(0,))
     check_nonnegative("stat_decay", stat_decay, upper=1.0)
     inverse_method = check_choice("inverse_method", inverse_method, ("cholesky", "eigh"))
     check_dtype("factor_dtype", factor_dtype)
@@ -551,6 +555,7 @@ def kronecker_curvature(
     kfac_approx: str = "expand",
     diagonal_only: bool = False,
     max_factor_size: int | None = None,
+    warmup: int = 0,
 ) -> KroneckerPreconditioner:
     """K-FAC's curvature for ``opt``: the blocks of its model's layers (or, with
     ``diagonal_only``, the diagonal Fisher of every parameter), and the hooks that feed them
@@ -580,6 +585,7 @@ def kronecker_curvature(
         inverse_dtype=inverse_dtype or factor_dtype,
         sync=FactorSync(opt.communicator, resolve_placement(placement, opt._sharding.sharded)),
         damping=opt.damping_of_param, warn=opt._warn_once, kfac_approx=kfac_approx,
+        warmup=warmup,
     )
     sampler = None
     if fisher is FisherKind.MC:
