@@ -54,6 +54,13 @@ CONV_CONFIGS = {
     "no_bias": dict(kernel_size=3, padding=1, bias=False),
 }
 IMAGE = (2, 5, 6)
+# with 8 or more input channels the patches are cut channels-last (natgrad.layers.conv)
+WIDE_CONV_CONFIGS = {
+    "wide_stride": dict(kernel_size=3, stride=2, padding=1),
+    "wide_dilation_reflect": dict(kernel_size=(3, 2), dilation=(1, 2), padding=1,
+                                  padding_mode="reflect"),
+    "wide_no_bias": dict(kernel_size=2, bias=False),
+}
 
 
 def make_conv_model(config: dict, image=IMAGE, seed: int = 0) -> nn.Module:
@@ -80,6 +87,9 @@ def problem(arch: str, likelihood: str, n: int = 6):
         model, inputs = make_embedding_model(), make_tokens(n, positions=1)
     elif arch in CONV_CONFIGS:
         model, inputs = make_conv_model(CONV_CONFIGS[arch]), make_images(n)
+    elif arch in WIDE_CONV_CONFIGS:  # 9 input channels: A from channels-last patches
+        image = (9, *IMAGE[1:])
+        model, inputs = make_conv_model(WIDE_CONV_CONFIGS[arch], image), make_images(n, image)
     elif arch == "conv_one_position":  # a 3×3 kernel on a 3×3 image: one output location
         model = make_conv_model(dict(kernel_size=3), image=(2, 3, 3))
         inputs = make_images(n, image=(2, 3, 3))
@@ -175,7 +185,7 @@ def test_kfac_approx_is_validated():
 
 
 @pytest.mark.parametrize("kind", ["true", "empirical"])
-@pytest.mark.parametrize("config", list(CONV_CONFIGS))
+@pytest.mark.parametrize("config", list(CONV_CONFIGS) + list(WIDE_CONV_CONFIGS))
 def test_conv2d_factors_match_brute_force(config, kind):
     model, inputs, targets = problem(config, "categorical")
     got = factors(model, inputs, "categorical", kind, targets)

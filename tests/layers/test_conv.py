@@ -59,6 +59,22 @@ def test_patches_rebuild_the_convolution(config):
     assert rel_err(handler.grad_rows(out), expected) <= RTOL_EXACT
 
 
+@pytest.mark.parametrize("channels", [2, 9])  # 9: the patches are cut channels-last
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_input_sum_is_the_patches_outer_product(config, channels):
+    """Σ āāᵀ formed without the rows (bias entries from sums) equals Rᵀ R of the rows
+    that :func:`test_patches_rebuild_the_convolution` checks, in the factor's dtype."""
+    layer_type, kwargs = CONFIGS[config]
+    torch.manual_seed(0)
+    conv = layer_type(**{**kwargs, "in_channels": channels})
+    x = inputs_for(conv).float()
+    handler = ConvHandler(conv)
+    total, count = handler.input_sum(x, DTYPE)
+    rows = handler.input_rows(x.to(DTYPE))
+    assert total.dtype == DTYPE and count == rows.shape[0]
+    assert rel_err(total, rows.T @ rows) <= RTOL_EXACT
+
+
 @pytest.mark.parametrize("layer_type", [nn.Conv1d, nn.Conv3d])
 def test_kfac_is_exact_with_one_output_location(layer_type):
     """Kernel as large as the input and one sample: one location, so the gradient is δ āᵀ

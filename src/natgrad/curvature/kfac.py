@@ -85,6 +85,11 @@ class FactorSums:
             self.input_sum = self._add(self.input_sum, handler.input_counts(indices, dtype))
             self.rows += indices.shape[0]
             return
+        fast = None if reduce or keep is not None else handler.input_sum(inputs, dtype)
+        if fast is not None:  # e.g. a convolution's patches, never formed with a bias column
+            self.input_sum = self._add(self.input_sum, fast[0])
+            self.rows += fast[1]
+            return
         rows = handler.input_rows(inputs).to(dtype)
         if reduce:  # ā_n = mean over the sample's positions
             per_sample = rows.reshape(inputs.shape[0], -1, *rows.shape[1:])

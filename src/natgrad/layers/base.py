@@ -17,6 +17,7 @@ Two families:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LayerHandler", "KroneckerHandler", "DenseHandler"]
@@ -75,6 +76,11 @@ class KroneckerHandler(LayerHandler):
     def input_rows(self, inputs: Tensor) -> Tensor:
         """ā for every sample and position, ``[N·T, d_in]`` (bias column last if any)."""
         raise NotImplementedError
+
+    def input_sum(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int] | None:
+        """Σ āāᵀ over the rows of :meth:`input_rows` in ``dtype`` and their number, where the
+        layer has a cheaper route to it than forming the rows (None: form the rows)."""
+        return None
 
     def positions(self, inputs: Tensor) -> tuple[int, ...] | None:
         """The shape ``[N, ...]`` that :meth:`input_rows` flattens, when each row is one
