@@ -88,7 +88,9 @@ def global_batches(steps: int) -> tuple[Tensor, Tensor]:
 
 FIXED = dict(lr=0.1, damping=0.1, momentum=0.5, kl_clip=1e-2)
 AUTO = dict(lm_every=1)  # lr, momentum, damping "auto" (the defaults); LM every step
-EMPIRICAL = dict(kind="empirical", stat_every=1, inv_every=2)
+# statistics every step, inverses every 2 from the first step (no curvature warm-up, whose
+# every-step inverses would hide the schedule the traffic tests count)
+EMPIRICAL = dict(kind="empirical", stat_every=1, inv_every=2, curvature_warmup=0)
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,8 @@ def run_scenario(
         ``calls`` (natgrad's own communication), ``rng`` (the label generator's state),
         ``block_bytes`` (the blocks' tensors this rank holds at the end) and
         ``loaded_block_bytes`` (those it read from a DCP checkpoint; None otherwise),
-        ``cached_bytes`` (EKFAC's eigenbases of other ranks' blocks) and ``placement``.
+        ``cached_bytes`` (EKFAC's eigenbases of other ranks' blocks), ``placement`` and
+        ``draws`` (the first label draw of the true Fisher: outputs and labels).
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
@@ -258,6 +261,7 @@ def run_scenario(
             load_checkpoint(resume, optimizer.communicator, model, optimizer)
     elif resume is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+    draws = record_draws(optimizer)
     inputs, labels = (t.to(device) for t in global_batches(start + steps))
     rows = shard(world, rank)
     for step in range(start, start + steps):
@@ -284,7 +288,23 @@ def run_scenario(
         "loaded_block_bytes": loaded,
         "cached_bytes": cached_bytes(optimizer),
         "placement": getattr(optimizer_sync(optimizer), "placement", None),
+        "draws": draws[:1],
     }
+
+
+def record_draws(optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, Tensor]]:
+    """(outputs, labels) of every label draw of the true Fisher, in order (a list that the
+    optimizer's likelihood appends to)."""
+    likelihood = optimizer.loss_spec.likelihood
+    draw, draws = likelihood.sample, []
+
+    def sample(outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        labels = draw(outputs, generator)
+        draws.append((outputs.detach().cpu().clone(), labels.cpu().clone()))
+        return labels
+
+    likelihood.sample = sample  # this optimizer's own likelihood object
+    return draws
 
 
 def dcp_folder(out: Path, scenario: str, world: int) -> Path:

@@ -25,6 +25,7 @@ from dist_worker import (
     run_scenario,
 )
 
+import natgrad.likelihoods
 from conftest import RTOL_EXACT, rel_err
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -78,10 +79,19 @@ def test_equals_one_process_on_concatenated_batch(runs: tuple[Path, dict], name:
 
 
 def test_sampled_labels_differ_between_ranks(runs: tuple[Path, dict]) -> None:
-    # the true Fisher's labels come from seed + rank
+    # the true Fisher's labels come from seed + rank: each rank's first draw is what a
+    # generator seeded with seed + rank draws for its outputs, and not what the other rank's
+    # seed would draw for them
     for name in ("kfac-true-auto", "ekfac-true-fixed-everywhere"):
-        first, second = _ranks(runs[0], name)
-        assert (first["seed"], second["seed"]) == (0, 1)
+        ranks = _ranks(runs[0], name)
+        assert [r["seed"] for r in ranks] == [0, 1]
+        likelihood = natgrad.likelihoods.Categorical()
+        for rank, result in enumerate(ranks):
+            [(outputs, labels)] = result["draws"]
+            own = likelihood.sample(outputs, torch.Generator().manual_seed(rank))
+            other = likelihood.sample(outputs, torch.Generator().manual_seed(1 - rank))
+            assert torch.equal(labels, own)
+            assert not torch.equal(labels, other)
 
 
 def test_one_all_reduce_per_statistics_step(runs: tuple[Path, dict]) -> None:
