@@ -410,6 +410,7 @@ def _batch_input_factor(inputs: torch.Tensor) -> torch.Tensor:
     return rows.T @ rows / len(inputs)
 
 
+@pytest.mark.filterwarnings("ignore:KFAC. no Kronecker-factored block:RuntimeWarning")
 def test_first_statistics_are_averaged_then_decayed():
     """The k-th statistics enter with weight 1/k until 1 − 1/k reaches stat_decay (Martens &
     Grosse 2015, §5), then with 1 − stat_decay: with stat_decay=0.75 the first four batches'

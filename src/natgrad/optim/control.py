@@ -294,20 +294,20 @@ class QuadraticControl:
         # parameter-space inner products, rows/columns (d, δ₀, ∇J)
         inner = _parameter_gram([descent, previous, grads] if use_momentum
                                 else [descent, grads])
-        terms = [gram[0, 0], inner[0, 0], inner[0, -1]]
-        if use_momentum:
-            terms += [gram[0, 1], inner[0, 1], gram[1, 1], inner[1, 1], inner[1, 2]]
-        batch_terms = [0, 3, 5] if use_momentum else [0]
-        stacked = torch.stack([t.double() for t in terms])
+        k = gram.shape[0]  # the batch terms first, in one float64 vector
+        packed = torch.cat([gram.reshape(-1), inner.reshape(-1)]).double()
         if self._distributed:  # the batch terms of the ranks' batches together
-            local = torch.cat([stacked[batch_terms] * n, stacked.new_tensor([n])])
+            local = torch.cat([packed[:k * k] * n, packed.new_tensor([n])])
             self.comm.all_reduce([local])
-            stacked[batch_terms] = local[:-1] / local[-1]
-        values = stacked.tolist()  # one sync
+            packed[:k * k] = local[:-1] / local[-1]
+        values = packed.tolist()  # one sync
         if not all(math.isfinite(v) for v in values):
             return None
-        values += [0.0] * (8 - len(values))
-        f00, n00, g0, f01, n01, f11, n11, g1 = values
+        f, g = values[:k * k], values[k * k:]  # row-major k×k and (k+1)×(k+1)
+        f00, n00, g0 = f[0], g[0], g[k]
+        f01 = n01 = f11 = n11 = g1 = 0.0
+        if use_momentum:
+            f01, f11, n01, n11, g1 = f[1], f[3], g[1], g[4], g[5]
         # curvature = fisher + (λ + η)·norms, with the 2×2 Gram matrices in both metrics
         fisher = [[f00, f01], [f01, f11]]
         norms = [[n00, n01], [n01, n11]]
@@ -322,9 +322,9 @@ class QuadraticControl:
         a, m = a * scale, m * scale
         if not (math.isfinite(a) and math.isfinite(m)):
             return None
-        update = [a * d for d in descent]
+        update = torch._foreach_mul(descent, a)
         if use_momentum and m != 0.0:
-            update = [u + m * p for u, p in zip(update, previous, strict=True)]
+            torch._foreach_add_(update, previous, alpha=m)
         # ρ compares the loss with the *undamped* model (Martens 2010; kfac-jax does the same):
         # damping is the knob being adapted, not part of the objective
         undamped = [[f + weight_decay * v for f, v in zip(fr, nr, strict=True)]

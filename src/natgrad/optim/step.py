@@ -117,7 +117,8 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
 
     # the quadratic model chooses the free coefficients; a fixed lr is folded into d
     lrs = problem.lrs
-    descent = [-d if settings.lr else -lr * d for d, lr in zip(directions, lrs, strict=True)]
+    descent = (torch._foreach_neg(directions) if settings.lr
+               else [-lr * d for d, lr in zip(directions, lrs, strict=True)])
     uniform = len(set(lrs)) == 1
     with problem.paused():
         result = control.updates(
@@ -163,6 +164,9 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
 def trial_parameters(problem: StepProblem, update: list[Tensor]) -> Iterator[Tensor]:
     """s·θ + δ per parameter: where the step would take the parameters."""
     values = problem.params if problem.values is None else problem.values
+    if all(s == 1.0 for s in problem.shrink):
+        yield from torch._foreach_add(values, update)
+        return
     for p, delta, s in zip(values, update, problem.shrink, strict=True):
         yield p.add(delta) if s == 1.0 else p.mul(s).add_(delta)
 
