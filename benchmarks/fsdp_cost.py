@@ -4,7 +4,8 @@
         --optimizer kfac ekfac
 
 Trains an MLP (784 → 256 → 128 → 10, float32, ``fully_shard`` on each Linear and on the
-model for W > 1) with ``natgrad.KFAC``'s (or ``EKFAC``'s) defaults and each
+model for W > 1) with ``natgrad.KFAC``'s (or ``EKFAC``'s) defaults, but without the
+curvature warm-up (the steady schedule from the first step), and each
 ``inverse_placement`` on a global batch of 256 random examples split over the ranks, and
 prints per optimizer, placement and W: natgrad's own communication per step (payload bytes a
 rank contributes, from ``optimizer.communicator``; FSDP's own all-gathers and reduce-scatters
@@ -59,8 +60,9 @@ def worker(steps: int, optimizer: str, placement: str, out: str) -> None:
             if isinstance(module, nn.Linear):
                 fully_shard(module)
         fully_shard(model)
+    # the steady schedule (statistics every 5 steps, inverses every 10) from the first step
     opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(),
-                                      inverse_placement=placement)
+                                      inverse_placement=placement, curvature_warmup=0)
     gen = torch.Generator().manual_seed(1)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     start = time.perf_counter()
