@@ -17,6 +17,7 @@ from natgrad.distributed import (
 )
 from natgrad.distributed.comm import Communicator
 from natgrad.distributed.kfac import kronecker_preconditioner, statistic_shapes
+from natgrad.distributed.placement import block_size, owner_placement
 from natgrad.layers.capture import find_layers
 
 # (d_in, d_out) of made-up Linear layers with bias: one big layer, a few medium, many small
@@ -84,6 +85,41 @@ def test_rejects_bad_arguments() -> None:
         FactorSync(Communicator(), "somewhere")
     with pytest.raises(ValueError, match="placement"):  # the optimizer resolves "auto" first
         FactorSync(Communicator(), "auto")
+
+
+def test_owner_placement_spreads_memory_as_well_as_cost() -> None:
+    # one expensive small block and three cheap large ones: LPT puts the three large ones
+    # together (memory 9 of 10 on one rank); balancing both leaves at most 6 of 10 and 11 of
+    # 13 of the cost (LPT: 10 of 13)
+    costs, sizes = [10.0, 1.0, 1.0, 1.0], [1.0, 3.0, 3.0, 3.0]
+    balanced = balanced_placement(costs, 2)
+    owners = owner_placement(costs, sizes, 2)
+    assert max(rank_loads(sizes, balanced, 2)) == 9.0
+    assert max(rank_loads(sizes, owners, 2)) == 6.0
+    assert max(rank_loads(costs, owners, 2)) == 11.0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_owner_placement_is_lpt_when_memory_follows_cost(world: int) -> None:
+    # sizes proportional to costs: both criteria agree, and the owners are LPT's
+    costs = _costs()
+    assert owner_placement(costs, [2.5 * c for c in costs], world) == \
+        balanced_placement(costs, world)
+
+
+def test_block_size_counts_the_factors_numbers() -> None:
+    assert block_size([(65, 65), (32, 32)]) == 65 * 65 + 32 * 32
+    assert block_size([(11,), (4, 4)]) == 11 + 16  # a diagonal input factor
+    assert block_size([(2, 9, 9), (2, 5, 5)]) == 2 * 81 + 2 * 25  # grouped convolution
+
+
+def test_owner_placement_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        owner_placement([1.0], [1.0], 0)
+    with pytest.raises(ValueError, match="same length"):
+        owner_placement([1.0, 2.0], [1.0], 2)
+    with pytest.raises(ValueError, match="sizes"):
+        owner_placement([1.0], [-1.0], 2)
 
 
 def test_auto_placement_is_owner_for_sharded_models_only() -> None:

@@ -39,7 +39,13 @@ from natgrad.curvature.ekfac import EigenBlock
 from natgrad.curvature.kfac import DenseBlock, FactorSums, KroneckerBlock
 from natgrad.curvature.shared import SharedBlock, SharedHandler
 from natgrad.distributed.comm import Communicator
-from natgrad.distributed.placement import PLACEMENTS, balanced_placement, block_cost
+from natgrad.distributed.placement import (
+    PLACEMENTS,
+    balanced_placement,
+    block_cost,
+    block_size,
+    owner_placement,
+)
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 
 __all__ = ["BLOCK_KEYS", "FactorSync", "keeps_state_on_owners", "kronecker_preconditioner",
@@ -157,12 +163,18 @@ class FactorSync:
         return self._shapes[name]
 
     def owners(self, blocks: dict[str, Block]) -> dict[str, int]:
-        """The rank that computes each block's inverse (balanced by cost Σ d³)."""
+        """The rank that computes each block's inverse: balanced by cost Σ d³, and under
+        ``"owner"`` (where the owner alone keeps the block's state) by memory too."""
         key = (self.comm.world_size, tuple(blocks))
         if self._owners is None or self._owners[0] != key:
-            costs = [block_cost([s for s in self._shape(n, b) if s is not None])
-                     for n, b in blocks.items()]
-            owners = balanced_placement(costs, self.comm.world_size)
+            shapes = [[s for s in self._shape(n, b) if s is not None]
+                      for n, b in blocks.items()]
+            costs = [block_cost(s) for s in shapes]
+            if self.placement == "owner":
+                owners = owner_placement(costs, [block_size(s) for s in shapes],
+                                         self.comm.world_size)
+            else:
+                owners = balanced_placement(costs, self.comm.world_size)
             # blocks over one parameter (an attention's packed block and its row blocks) share
             # the first one's owner: the parameter's direction is assembled on one rank
             first: dict[int, int] = {}
