@@ -75,6 +75,33 @@ def test_input_sum_is_the_patches_outer_product(config, channels):
     assert rel_err(total, rows.T @ rows) <= RTOL_EXACT
 
 
+PROJECTED = {
+    **CONFIGS,
+    "2d-same-reflect": (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=(3, 2),
+                                        padding="same", padding_mode="reflect")),
+    "2d-stride-dilation": (nn.Conv2d, dict(in_channels=9, out_channels=4, kernel_size=3,
+                                           stride=2, dilation=(1, 2), padding=1)),
+}
+
+
+@pytest.mark.parametrize("config", list(PROJECTED))
+def test_projected_rows_are_the_rows_times_the_basis(config):
+    """EKFAC's rows in A's eigenbasis, from a convolution with the basis as kernels, equal
+    the checked rows times the basis (a square basis, and fewer columns than rows)."""
+    layer_type, kwargs = PROJECTED[config]
+    torch.manual_seed(0)
+    conv = layer_type(**kwargs)
+    x = torch.randn(3, conv.in_channels, 5, 6) if config.startswith("2d") else inputs_for(conv)
+    x = x.float()  # a float32 layer input, projected in the basis's float64
+    handler = ConvHandler(conv)
+    rows = handler.input_rows(x.to(DTYPE))
+    for columns in (rows.shape[1], 2):
+        basis = torch.randn(rows.shape[1], columns, dtype=DTYPE)
+        got = handler.projected_input_rows(x, basis)
+        assert got.dtype == DTYPE
+        assert rel_err(got, rows @ basis) <= RTOL_EXACT
+
+
 @pytest.mark.parametrize("layer_type", [nn.Conv1d, nn.Conv3d])
 def test_kfac_is_exact_with_one_output_location(layer_type):
     """Kernel as large as the input and one sample: one location, so the gradient is δ āᵀ

@@ -68,7 +68,7 @@ def scaling_sum(
         else:
             n = calls[0].grads[j].shape[0]
             rows_out = [handler.grad_rows(c.grads[j]).to(dtype) @ eigvecs_out for c in calls]
-            rows_in = [handler.input_rows(c.inputs).to(dtype) @ eigvecs_in for c in calls]
+            rows_in = [handler.projected_input_rows(c.inputs, eigvecs_in) for c in calls]
             if len(calls) == 1 and rows_out[0].shape[0] == n:
                 part = rows_out[0].square().T @ rows_in[0].square()
             else:

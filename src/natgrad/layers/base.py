@@ -82,6 +82,11 @@ class KroneckerHandler(LayerHandler):
         layer has a cheaper route to it than forming the rows (None: form the rows)."""
         return None
 
+    def projected_input_rows(self, inputs: Tensor, basis: Tensor) -> Tensor:
+        """:meth:`input_rows` times ``basis`` (``[d_in, d]``) in the basis's dtype, ``[N·T, d]``
+        (EKFAC's inputs in A's eigenbasis)."""
+        return self.input_rows(inputs).to(basis.dtype) @ basis
+
     def positions(self, inputs: Tensor) -> tuple[int, ...] | None:
         """The shape ``[N, ...]`` that :meth:`input_rows` flattens, when each row is one
         position of the input (so that rows of positions the loss ignores can be dropped);

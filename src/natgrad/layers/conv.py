@@ -131,6 +131,17 @@ class ConvHandler(KroneckerHandler):
             return None
         return _input_sum(inputs, self.module, dtype, self.has_bias)
 
+    def projected_input_rows(self, inputs: Tensor, basis: Tensor) -> Tensor:
+        if self.groups > 1:
+            return super().projected_input_rows(inputs, basis)
+        # āᵀ Q at every location is the convolution of the input with Q's columns as kernels
+        # (the bias row of Q as their bias): no patches
+        width = math.prod(self.module.weight.shape[1:])
+        kernels = basis[:width].T.reshape(basis.shape[1], *self.module.weight.shape[1:])
+        bias = basis[width] if self.has_bias else None
+        out = self.module._conv_forward(inputs.to(basis.dtype), kernels, bias)
+        return out.movedim(1, -1).reshape(-1, basis.shape[1])
+
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
         # [N, C_out, T₁, …] -> [N·T, C_out] (grouped: [N·T, g, C_out/g]), as the transpose
         # of a [C_out, N·T] copy: its runs along T are contiguous, a channels-last copy's aren't
