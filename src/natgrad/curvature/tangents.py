@@ -145,18 +145,18 @@ def _conv_tangent(
 
     total = None
     stacked = _joined_directions(tangents, module.weight, torch.cat)  # [k·C_out, C_in, kh, kw]
-    if stacked is not None:  # every direction in one convolution
-        local = conv(layer_input, stacked)
+    bias = _joined_directions(tangents, module.bias, torch.cat)  # [k·C_out]
+    if stacked is not None:  # every direction in one convolution, D_b as its bias
+        local = F.conv2d(layer_input, stacked, bias, module.stride, module.padding,
+                         module.dilation)
         total = local.reshape(local.shape[0], k, c_out, *local.shape[2:])
-    bias = _joined_directions(tangents, module.bias, torch.stack)
-    if bias is not None:
-        bias = bias.reshape(1, k, c_out, 1, 1)
-        total = bias if total is None else total + bias
+    elif bias is not None:
+        total = bias.reshape(1, k, c_out, 1, 1)
     if current is not None:  # the k directions folded into the batch
         current = current.expand(layer_input.shape[0], *current.shape[1:])
         propagated = conv(current.reshape(-1, *current.shape[2:]), module.weight.detach())
         propagated = propagated.reshape(current.shape[0], k, *propagated.shape[1:])
-        total = propagated if total is None else total + propagated
+        total = propagated if total is None else propagated.add_(total)  # (a new tensor)
     if total is not None:  # a bias-only tangent is constant over the map: give it its shape
         total = total.expand(output.shape[0], k, *output.shape[1:])
     return total
