@@ -119,6 +119,9 @@ SCENARIOS = {
     "ekfac-empirical-fixed": Scenario("EKFAC", {**EMPIRICAL, **FIXED}),
     "kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}),
     "ekfac-empirical-auto": Scenario("EKFAC", {**EMPIRICAL, **AUTO}),
+    # inverses every 3 steps: a run resumed at step CHECKPOINT_STEP starts on a statistics
+    # step without a refresh
+    "ekfac-empirical-auto-inv3": Scenario("EKFAC", {**EMPIRICAL, **AUTO, "inv_every": 3}),
     "ngdcg-empirical-auto": Scenario("NGDCG", {**EMPIRICAL}),
     "kfac-tied-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, tied=True),
     "kfac-true-auto": Scenario("KFAC", {"stat_every": 1, "inv_every": 2, "mc_samples": 2},
@@ -139,6 +142,8 @@ FSDP_SCENARIOS = {
 }
 OWNER = {"inverse_placement": "owner"}  # the default under FSDP2 ("auto"), made explicit
 FSDP_SCENARIOS.update({
+    "fsdp-ekfac-empirical-auto-inv3": Scenario(
+        "EKFAC", SCENARIOS["ekfac-empirical-auto-inv3"].settings, sharded=True),
     "fsdp-kfac-balanced-empirical-auto": Scenario(
         "KFAC", {**EMPIRICAL, **AUTO, "inverse_placement": "balanced"}, sharded=True),
     "fsdp-odd-kfac-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, sharded=True,
@@ -442,8 +447,11 @@ def main(argv: list[str]) -> None:
                                       save_at=(CHECKPOINT_STEP, dcp_folder(out, scenario, world)))
             elif name.startswith("dcp-resume-w"):  # dcp-resume-wK-SCENARIO: K ranks saved it
                 saved, scenario = name.removeprefix("dcp-resume-w").split("-", 1)
+                # dcp-resume-wK-SAVED@SCENARIO: SAVED's checkpoint continued as SCENARIO
+                source, _, scenario = scenario.rpartition("@") if "@" in scenario \
+                    else (scenario, "", scenario)
                 result = run_scenario(scenario, STEPS - CHECKPOINT_STEP, world, rank,
-                                      resume=dcp_folder(out, scenario, int(saved)),
+                                      resume=dcp_folder(out, source, int(saved)),
                                       device=device)
             elif name == "resume":  # continue a one-process run's checkpoint on W ranks
                 result = run_scenario(CHECKPOINTED, STEPS - CHECKPOINT_STEP, world, rank,

@@ -47,7 +47,10 @@ MIRRORED = {"fsdp-kfac-empirical-auto": "kfac-empirical-auto",
             "fsdp-kfac-owner-true-auto": "kfac-true-auto"}
 WORLD = 2
 DCP_SAME = "fsdp-kfac-owner-true-auto"  # DCP: resumed on the same world size, bit for bit
-DCP = (DCP_SAME, FSDP_CHECKPOINTED, "kfac-empirical-auto")  # saved sharded, owner, DDP
+DCP = (DCP_SAME, FSDP_CHECKPOINTED, "kfac-empirical-auto", "ekfac-empirical-auto-inv3")
+# EKFAC saved under DDP ("balanced": no eigenbasis versions) continued under FSDP2 ("owner"),
+# starting on a statistics step without a refresh
+DCP_ACROSS = f"dcp-resume-w{WORLD}-ekfac-empirical-auto-inv3@fsdp-ekfac-empirical-auto-inv3"
 
 
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
@@ -72,7 +75,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ddp = sorted(set(MIRRORED.values()))
     launch([str(HERE / "dist_worker.py"), str(out), *SHARDED, *ddp, "fsdp-checkpoint",
             "fsdp-resume", "fsdp-save", "fsdp-resume-w1", "fsdp-errors",
-            *(f"dcp-save-{name}" for name in DCP), f"dcp-resume-w{WORLD}-{DCP_SAME}"],
+            *(f"dcp-save-{name}" for name in DCP), f"dcp-resume-w{WORLD}-{DCP_SAME}",
+            DCP_ACROSS],
            world=WORLD)
     return out
 
@@ -214,3 +218,12 @@ def test_nccl_fsdp_matches_one_process(tmp_path: Path) -> None:
     for uninterrupted, resumed in zip(_ranks(tmp_path, saved), _ranks(tmp_path, names[2]),
                                       strict=True):
         assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+
+
+def test_dcp_checkpoint_of_ddp_resumes_under_fsdp(runs: Path) -> None:
+    # EKFAC saved by two DDP ranks ("balanced") continues on two FSDP2 ranks ("owner": the
+    # owners broadcast their eigenbases at the first statistics step), equal to one process
+    expected = _flat(_one_process("ekfac-empirical-auto-inv3")["params"])
+    for result in _ranks(runs, DCP_ACROSS):
+        assert result["placement"] == "owner"
+        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT

@@ -207,6 +207,9 @@ class FactorSync:
         for name, block in blocks.items():
             for key in [k for k in block.state if self.drops(blocks, name, k)]:
                 del block.state[key]
+            if (self.on_owners and isinstance(block, EigenBlock) and block.refreshed
+                    and "eigvecs_version" not in block.state):  # saved under another placement
+                block.state["eigvecs_version"] = 1
         self._bases, self._sent = {}, {}
 
     def cached_bytes(self) -> int:
