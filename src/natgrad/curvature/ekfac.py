@@ -46,6 +46,12 @@ def stable_eigh(matrix: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return eigvals.to(dtype), eigvecs.to(dtype)
 
 
+def _per_sample(rows: list[Tensor], n: int) -> Tensor:
+    """Each call's ``[N·T, d]`` rows as ``[N, T, d]``, the calls' positions joined."""
+    parts = [r.reshape(n, -1, r.shape[1]) for r in rows]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def scaling_sum(
     handler: KroneckerHandler,
     calls: list[Call],
@@ -72,8 +78,7 @@ def scaling_sum(
             if len(calls) == 1 and rows_out[0].shape[0] == n:
                 part = rows_out[0].square().T @ rows_in[0].square()
             else:
-                out = torch.cat([r.reshape(n, -1, r.shape[1]) for r in rows_out], dim=1)
-                inp = torch.cat([r.reshape(n, -1, r.shape[1]) for r in rows_in], dim=1)
+                out, inp = _per_sample(rows_out, n), _per_sample(rows_in, n)
                 part = (out.transpose(1, 2) @ inp).square().sum(0)
         part = part * weight
         total = part if total is None else total + part
