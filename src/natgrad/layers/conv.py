@@ -34,6 +34,7 @@ from natgrad.layers.base import KroneckerHandler
 __all__ = ["CONV_TYPES", "ConvHandler"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNELS_LAST = 8  # from this many input channels Σ āāᵀ cuts its patches channels-last
 
 
 def _patches(inputs: Tensor, conv: nn.Module) -> Tensor:
@@ -84,7 +85,7 @@ def _input_sum(
     dims, channels = padded.dim() - 2, padded.shape[1]
     kernel = math.prod(conv.kernel_size)
     size = channels * kernel
-    if channels < 8:  # [N, C, T…, k…] -> [C, k…, N, T…]
+    if channels < _CHANNELS_LAST:  # [N, C, T…, k…] -> [C, k…, N, T…]
         windows = _windows(padded, conv, 2)
         order = [1, *range(2 + dims, 2 + 2 * dims), 0, *range(2, 2 + dims)]
         columns = windows.permute(order).reshape(size, -1)
