@@ -1,6 +1,6 @@
 """Outside the bench: natgrad's defaults on a Hugging Face Llama and text natgrad does not ship.
 
-    python benchmarks/outside_llama.py [--steps 150] [--seeds 0,1,2]
+    python benchmarks/outside_llama.py [--steps 150] [--seeds 0,1,2] [--hparams JSON]
 
 A tiny ``LlamaForCausalLM`` built from a config (hidden 64, 2 layers, grouped-query attention,
 RMSNorm, rotary embeddings, SDPA, untied head; 97 characters) on standard-library files that
@@ -8,12 +8,14 @@ the bench's char-gpt does not use (inspect.py, typing.py, dataclasses.py), 64-ch
 windows, a held-out fifth; the loss Llama computes from ``labels``. ``natgrad.KFAC`` with only
 ``loss=nn.CrossEntropyLoss()`` against AdamW (lr 3e-3), batch 16, one thread. Printed per
 seed: held-out loss after the budget and the wall-clock seconds of the training loop.
+``--hparams`` adds ``natgrad.KFAC`` arguments (e.g. ``'{"initial_damping": 1e-2}'``).
 Needs the ``integrations`` extra (transformers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sysconfig
 import time
 import warnings
@@ -41,7 +43,8 @@ def windows() -> tuple[torch.Tensor, torch.Tensor]:
     return rows[perm[: n * 4 // 5]], rows[perm[n * 4 // 5 :]][:256]
 
 
-def run(name: str, seed: int, steps: int, train: torch.Tensor, test: torch.Tensor):
+def run(name: str, seed: int, steps: int, train: torch.Tensor, test: torch.Tensor,
+        hparams: dict):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=len(CHARS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -49,7 +52,7 @@ def run(name: str, seed: int, steps: int, train: torch.Tensor, test: torch.Tenso
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     model = transformers.LlamaForCausalLM(config)
-    opt = (natgrad.KFAC(model, loss=nn.CrossEntropyLoss()) if name == "kfac"
+    opt = (natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), **hparams) if name == "kfac"
            else torch.optim.AdamW(model.parameters(), lr=3e-3))
     generator = torch.Generator().manual_seed(seed)
     begin = time.perf_counter()
@@ -67,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--hparams", default="{}", type=json.loads,
+                        help="natgrad.KFAC arguments on top of the defaults (JSON)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -76,7 +81,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in ("adamw", "kfac"):
-            loss, seconds = run(name, seed, args.steps, train, test)
+            loss, seconds = run(name, seed, args.steps, train, test, args.hparams)
             print(f"| {seed} | {name} | {loss:.3f} | {seconds:.1f} |", flush=True)
 
 

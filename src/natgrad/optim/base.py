@@ -50,7 +50,7 @@ __all__ = ["CurvatureOptimizer", "Preconditioner"]
 
 GLOBAL = "natgrad"  # key of the optimizer-wide entry in ``self.state``
 AUTO = "auto"
-INITIAL_DAMPING = 1e-2  # Levenberg-Marquardt's starting λ (PERFORMANCE.md: lower diverged)
+INITIAL_DAMPING = 1e-2  # Levenberg-Marquardt's starting λ unless an optimizer sets its own
 
 
 class Preconditioner(Protocol):
