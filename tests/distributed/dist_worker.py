@@ -193,6 +193,22 @@ def shard(world: int, rank: int) -> slice:
     return slice(rank * size, (rank + 1) * size)
 
 
+def flat(params: list[Tensor]) -> Tensor:
+    """The parameters of a result as one vector."""
+    return torch.cat([p.reshape(-1) for p in params])
+
+
+def one_process(name: str, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_scenario` in this process on one thread (the reference runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback notice
+        result = run_scenario(name, **kwargs)
+    torch.set_num_threads(threads)
+    return result
+
+
 def run_scenario(
     name: str,
     steps: int = STEPS,

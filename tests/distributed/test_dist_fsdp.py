@@ -18,7 +18,6 @@ streams included) and on one process equal to it, each owner reading only its ow
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from dist_worker import (
     STEPS,
     build_model,
     dcp_folder,
-    run_scenario,
+    flat,
+    one_process,
 )
 
 from conftest import RTOL_EXACT, rel_err
@@ -53,25 +53,11 @@ DCP = (DCP_SAME, FSDP_CHECKPOINTED, "kfac-empirical-auto", "ekfac-empirical-auto
 DCP_ACROSS = f"dcp-resume-w{WORLD}-ekfac-empirical-auto-inv3@fsdp-ekfac-empirical-auto-inv3"
 
 
-def _flat(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params])
-
-
-def _one_process(name: str, **kwargs: Any) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback notice
-        result = run_scenario(name, **kwargs)
-    torch.set_num_threads(threads)
-    return result
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of the two-rank results (and of a one-process checkpoint they resume)."""
     out = tmp_path_factory.mktemp("dist_fsdp")
-    _one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, out / "checkpoint-w1.pt"))
+    one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, out / "checkpoint-w1.pt"))
     ddp = sorted(set(MIRRORED.values()))
     launch([str(HERE / "dist_worker.py"), str(out), *SHARDED, *ddp, "fsdp-checkpoint",
             "fsdp-resume", "fsdp-save", "fsdp-resume-w1", "fsdp-errors",
@@ -95,18 +81,18 @@ def test_ranks_take_identical_steps(runs: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", EXACT)
 def test_equals_one_process_on_concatenated_batch(runs: Path, name: str) -> None:
-    expected = _flat(_one_process(name)["params"])
-    start = _flat(_one_process(name, steps=0)["params"])
+    expected = flat(one_process(name)["params"])
+    start = flat(one_process(name, steps=0)["params"])
     assert rel_err(expected, start) > 0.1  # the runs went somewhere
     for result in _ranks(runs, name):
-        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+        assert rel_err(flat(result["params"]), expected) <= RTOL_EXACT
 
 
 @pytest.mark.parametrize("name", MIRRORED)
 def test_equals_ddp(runs: Path, name: str) -> None:
     for sharded, replicated in zip(_ranks(runs, name), _ranks(runs, MIRRORED[name]),
                                    strict=True):
-        assert rel_err(_flat(sharded["params"]), _flat(replicated["params"])) <= RTOL_EXACT
+        assert rel_err(flat(sharded["params"]), flat(replicated["params"])) <= RTOL_EXACT
 
 
 def test_traffic_is_ddp_plus_two_all_gathers_per_step(runs: Path) -> None:
@@ -139,7 +125,7 @@ def test_owner_placement_trades_inverse_broadcasts_for_directions(runs: Path) ->
 def test_owner_placement_holds_each_block_once(runs: Path, name: str) -> None:
     # "owner": every block's factors and inverses (EKFAC: eigenbases and scaling) on exactly
     # one rank, none elsewhere; "balanced": every block on every rank
-    whole = _one_process(name)["block_bytes"]
+    whole = one_process(name)["block_bytes"]
     assert whole > 0
     owned = [r["block_bytes"] for r in _ranks(runs, name)]
     assert sum(owned) == whole and all(0 < b < whole for b in owned)
@@ -159,18 +145,18 @@ def test_ekfac_owner_caches_other_ranks_eigenbases(runs: Path) -> None:
 def test_sharded_checkpoint_resumes_bit_for_bit(runs: Path) -> None:
     uninterrupted, _ = _ranks(runs, "fsdp-checkpoint")
     for resumed in _ranks(runs, "fsdp-resume"):
-        assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+        assert torch.equal(flat(resumed["params"]), flat(uninterrupted["params"]))
 
 
 def test_whole_checkpoint_moves_between_one_process_and_sharded(runs: Path) -> None:
-    expected = _flat(_one_process(FSDP_CHECKPOINTED)["params"])
+    expected = flat(one_process(FSDP_CHECKPOINTED)["params"])
     # two sharded ranks saved whole after CHECKPOINT_STEP steps; one process continues
-    resumed = _one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
+    resumed = one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
                            resume=runs / "fsdp-whole.pt")
-    assert rel_err(_flat(resumed["params"]), expected) <= RTOL_EXACT
+    assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
     # one process saved; two sharded ranks continue
     for result in _ranks(runs, "fsdp-resume-w1"):
-        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+        assert rel_err(flat(result["params"]), expected) <= RTOL_EXACT
 
 
 def test_unsupported_sharded_models_are_named(runs: Path) -> None:
@@ -186,44 +172,44 @@ def test_dcp_checkpoint_resumes_bit_for_bit(runs: Path) -> None:
     for uninterrupted, resumed in zip(_ranks(runs, f"dcp-save-{DCP_SAME}"),
                                       _ranks(runs, f"dcp-resume-w{WORLD}-{DCP_SAME}"),
                                       strict=True):
-        assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+        assert torch.equal(flat(resumed["params"]), flat(uninterrupted["params"]))
     # "owner": each rank read only its own blocks, together every block once
     loaded = [r["loaded_block_bytes"] for r in _ranks(runs, f"dcp-resume-w{WORLD}-{DCP_SAME}")]
-    whole = _one_process(DCP_SAME, steps=CHECKPOINT_STEP)["block_bytes"]
+    whole = one_process(DCP_SAME, steps=CHECKPOINT_STEP)["block_bytes"]
     assert sum(loaded) == whole and all(0 < b < whole for b in loaded)
 
 
 @pytest.mark.parametrize("name", [FSDP_CHECKPOINTED, "kfac-empirical-auto"])
-def test_dcp_checkpoint_resumes_on_one_process(runs: Path, name: str) -> None:
+def test_dcp_checkpoint_resumes_onone_process(runs: Path, name: str) -> None:
     # two ranks (sharded with owner placement, or DDP) saved; one process continues
-    expected = _flat(_one_process(name)["params"])
-    resumed = _one_process(name, steps=STEPS - CHECKPOINT_STEP,
+    expected = flat(one_process(name)["params"])
+    resumed = one_process(name, steps=STEPS - CHECKPOINT_STEP,
                            resume=dcp_folder(runs, name, WORLD))
-    assert rel_err(_flat(resumed["params"]), expected) <= RTOL_EXACT
+    assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_nccl_fsdp_matches_one_process(tmp_path: Path) -> None:
+def test_nccl_fsdp_matchesone_process(tmp_path: Path) -> None:
     # FSDP2 on two GPUs over NCCL (owner placement by default), and a DCP checkpoint resumed
     # on them
     saved = f"dcp-save-{FSDP_CHECKPOINTED}"
     names = ["fsdp-ekfac-empirical-auto", saved, f"dcp-resume-w{WORLD}-{FSDP_CHECKPOINTED}"]
     launch([str(HERE / "dist_worker.py"), str(tmp_path), *names], DIST_BACKEND="nccl")
     for name in names[:2]:
-        expected = _flat(_one_process(name.removeprefix("dcp-save-"))["params"])
+        expected = flat(one_process(name.removeprefix("dcp-save-"))["params"])
         for result in _ranks(tmp_path, name):
             # looser: the reference runs on the CPU, whose float64 kernels sum in another order
-            assert rel_err(_flat(result["params"]), expected) <= 1e-8
+            assert rel_err(flat(result["params"]), expected) <= 1e-8
     for uninterrupted, resumed in zip(_ranks(tmp_path, saved), _ranks(tmp_path, names[2]),
                                       strict=True):
-        assert torch.equal(_flat(resumed["params"]), _flat(uninterrupted["params"]))
+        assert torch.equal(flat(resumed["params"]), flat(uninterrupted["params"]))
 
 
 def test_dcp_checkpoint_of_ddp_resumes_under_fsdp(runs: Path) -> None:
     # EKFAC saved by two DDP ranks ("balanced") continues on two FSDP2 ranks ("owner": the
     # owners broadcast their eigenbases at the first statistics step), equal to one process
-    expected = _flat(_one_process("ekfac-empirical-auto-inv3")["params"])
+    expected = flat(one_process("ekfac-empirical-auto-inv3")["params"])
     for result in _ranks(runs, DCP_ACROSS):
         assert result["placement"] == "owner"
-        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+        assert rel_err(flat(result["params"]), expected) <= RTOL_EXACT

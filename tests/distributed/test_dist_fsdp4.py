@@ -15,7 +15,6 @@ owner reads only its own blocks; HSDP's all-gathers span its shard group of 2.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from dist_worker import (
     STEPS,
     build_model,
     dcp_folder,
-    run_scenario,
+    flat,
+    one_process,
 )
 
 from conftest import RTOL_EXACT, rel_err
@@ -45,25 +45,11 @@ RUNS = [*(f"dcp-save-{n}" for n in SAVED), *(f"dcp-resume-w{WORLD}-{n}" for n in
         FROM_ONE]
 
 
-def _flat(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params])
-
-
-def _one_process(name: str, **kwargs: Any) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback notice
-        result = run_scenario(name, **kwargs)
-    torch.set_num_threads(threads)
-    return result
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of the four-rank results (and of the one-process checkpoint they resume)."""
     out = tmp_path_factory.mktemp("dist_fsdp4")
-    _one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, dcp_folder(out, FSDP_CHECKPOINTED,
+    one_process(FSDP_CHECKPOINTED, save_at=(CHECKPOINT_STEP, dcp_folder(out, FSDP_CHECKPOINTED,
                                                                          1)), dcp=True)
     launch([str(HERE / "dist_worker.py"), str(out), *RUNS], world=WORLD)
     return out
@@ -79,17 +65,17 @@ def test_ranks_take_identical_steps(runs: Path, name: str) -> None:
     first, *others = _ranks(runs, name)
     assert first["placement"] == "owner"
     for other in others:
-        assert torch.equal(_flat(first["params"]), _flat(other["params"]))
+        assert torch.equal(flat(first["params"]), flat(other["params"]))
 
 
 @pytest.mark.parametrize("name", [*SAVED, FROM_ONE])
 def test_equals_one_process_on_concatenated_batch(runs: Path, name: str) -> None:
     scenario = FSDP_CHECKPOINTED if name == FROM_ONE else name
-    expected = _flat(_one_process(scenario)["params"])
-    assert rel_err(expected, _flat(_one_process(scenario, steps=0)["params"])) > 0.1
+    expected = flat(one_process(scenario)["params"])
+    assert rel_err(expected, flat(one_process(scenario, steps=0)["params"])) > 0.1
     run = name if name == FROM_ONE else f"dcp-save-{name}"
     for result in _ranks(runs, run):
-        assert rel_err(_flat(result["params"]), expected) <= RTOL_EXACT
+        assert rel_err(flat(result["params"]), expected) <= RTOL_EXACT
 
 
 @pytest.mark.parametrize("name", SAVED)
@@ -97,18 +83,18 @@ def test_dcp_checkpoint_resumes_bit_for_bit(runs: Path, name: str) -> None:
     uninterrupted = _ranks(runs, f"dcp-save-{name}")
     resumed = _ranks(runs, f"dcp-resume-w{WORLD}-{name}")
     for before, after in zip(uninterrupted, resumed, strict=True):
-        assert torch.equal(_flat(after["params"]), _flat(before["params"]))
+        assert torch.equal(flat(after["params"]), flat(before["params"]))
     # each owner read its own blocks only: together every block once
     loaded = [r["loaded_block_bytes"] for r in resumed]
-    whole = _one_process(name, steps=CHECKPOINT_STEP)["block_bytes"]
+    whole = one_process(name, steps=CHECKPOINT_STEP)["block_bytes"]
     assert sum(loaded) == whole and max(loaded) < whole
 
 
-def test_dcp_checkpoint_of_four_ranks_resumes_on_one_process(runs: Path) -> None:
-    expected = _flat(_one_process(FSDP_CHECKPOINTED)["params"])
-    resumed = _one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
+def test_dcp_checkpoint_of_four_ranks_resumes_onone_process(runs: Path) -> None:
+    expected = flat(one_process(FSDP_CHECKPOINTED)["params"])
+    resumed = one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
                            resume=dcp_folder(runs, FSDP_CHECKPOINTED, WORLD))
-    assert rel_err(_flat(resumed["params"]), expected) <= RTOL_EXACT
+    assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
 
 
 def test_hsdp_gathers_within_its_shard_group(runs: Path) -> None:
