@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+import natgrad.optim.control as control
 from conftest import RTOL_EXACT, rel_err
 from natgrad.curvature.products import conjugate_gradient
 from natgrad.layers.capture import ForwardRecord
@@ -429,3 +430,17 @@ def test_a_second_rejection_in_a_row_doubles_the_damping(monkeypatch, initial):
     rho[0] = -3.0  # a lone rejection again: 1/ω only
     step()
     assert state["damping"] == pytest.approx(raised(second), rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 10, 1])
+def test_parameter_gram_equals_the_pairwise_dot_products(monkeypatch, chunk):
+    """[⟨vᵢ, vⱼ⟩] over parameters of mixed shapes, flattened in one run or in runs of at most
+    ``chunk`` values (a parameter larger than a run is a run of its own)."""
+    monkeypatch.setattr(control, "GRAM_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), (2, 2, 3), (5,)]
+    vectors = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+               for _ in range(3)]
+    expected = torch.tensor([[sum(float((a * b).sum()) for a, b in zip(u, w, strict=True))
+                              for w in vectors] for u in vectors], dtype=torch.float64)
+    assert rel_err(control._parameter_gram(vectors), expected) <= 1e-12

@@ -172,14 +172,27 @@ class AutoSettings:
         return self.lm_decay**self.lm_every
 
 
+GRAM_CHUNK = 1 << 24  # values per vector flattened at once by _parameter_gram
+
+
 def _parameter_gram(vectors: Sequence[Sequence[Tensor]]) -> Tensor:
     """The Gram matrix [⟨vᵢ, vⱼ⟩] of k vectors given per parameter (each a list of tensors
-    following the parameters), ``[k, k]``: one matrix product of the flattened vectors, in at
-    least float32."""
+    following the parameters), ``[k, k]``, in at least float32: one matrix product of the
+    flattened vectors per run of parameters holding at most ``GRAM_CHUNK`` values (a small
+    model's in one; a large model's copies stay bounded)."""
     dtype = torch.promote_types(vectors[0][0].dtype, torch.float32)
-    flat = torch.stack([torch.cat([t.reshape(-1) for t in vector]).to(dtype)
-                        for vector in vectors])  # [k, P]
-    return flat @ flat.T
+    sizes = [t.numel() for t in vectors[0]]
+    total, start = None, 0
+    while start < len(sizes):
+        end, size = start + 1, sizes[start]
+        while end < len(sizes) and size + sizes[end] <= GRAM_CHUNK:
+            size, end = size + sizes[end], end + 1
+        flat = torch.stack([torch.cat([t.reshape(-1) for t in vector[start:end]]).to(dtype)
+                            for vector in vectors])  # [k, values of the run]
+        part = flat @ flat.T
+        total = part if total is None else total + part
+        start = end
+    return total
 
 
 AUTO_ROWS_OUTPUTS = 4096  # "auto": keep ≥ this many output dimensions (rows × outputs)
