@@ -229,8 +229,8 @@ class KroneckerPreconditioner:
         self.damping = damping
         self.kfac_approx = kfac_approx
         self._committed: dict[str, dict[str, Any]] | None = None
-        self._diagonal: dict[Tensor, Tensor] = {}  # pending, with their counts:
-        self._diagonal_updates: dict[Tensor, int | None] = {}
+        self._diagonal: dict[Tensor, Tensor] = {}  # pending fallback diagonals
+        self._diagonal_updates: dict[Tensor, int | None] = {}  # and their statistics counts
 
     # --- pending state ----------------------------------------------------------------------
     def rebind(self, state: Any) -> None:
