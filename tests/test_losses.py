@@ -213,3 +213,45 @@ def test_sum_scale_relates_each_loss_to_the_summed_nll():
     for module in (nn.MSELoss(), nn.MSELoss(reduction="sum")):
         spec = LossSpec.from_module(module)
         assert torch.isclose(module(g, z), spec.sum_scale(g, None) * gaussian_nll, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fitted_position_counts_though_its_gradient_is_zero(dtype):
+    """∂L/∂f is zero at an ignored position and at one the model fits to the output's
+    precision (p one-hot): the second counts, the first does not."""
+    spec = LossSpec.from_module(nn.CrossEntropyLoss())
+    logits = torch.tensor([[900.0, 0.0, 0.0],   # fitted: p = (1, 0, 0) exactly
+                           [0.3, 0.1, 0.2],     # ignored (target -100)
+                           [0.0, 2.0, 0.5]],    # an ordinary position
+                          dtype=dtype, requires_grad=True)
+    targets = torch.tensor([0, -100, 1])
+    F.cross_entropy(logits, targets).backward()
+    assert torch.equal(logits.grad[0], torch.zeros(3, dtype=dtype))  # underflowed
+    assert spec.valid(logits.detach(), logits.grad).tolist() == [True, False, True]
+    # a batch fitted everywhere (loss exactly 0): every position counts
+    fitted = logits.detach()[[0, 0]].clone().requires_grad_()
+    F.cross_entropy(fitted, torch.tensor([0, 0])).backward()
+    assert spec.valid(fitted.detach(), fitted.grad) is None
+
+
+def test_kfac_statistics_stay_finite_on_a_batch_fitted_exactly():
+    """A batch at a loss of exactly 0 (every gradient underflowed) gives finite factors (its
+    positions counted, not all dropped as ignored) and a taken step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[300.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+        model[0].bias.zero_()
+    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), lr=0.1, damping=1e-2, momentum=0.0,
+                       kind="empirical", stat_every=1)
+    inputs = torch.rand(8, 4) + 1.0  # first logit ≥ 300 above the others
+    opt.zero_grad()
+    loss = nn.CrossEntropyLoss()(model(inputs), torch.zeros(8, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert torch.isfinite(state["input_cov"]).all() and torch.isfinite(state["grad_cov"]).all()
+    rows = torch.cat([inputs, torch.ones(8, 1)], dim=1)
+    assert rel_err(state["input_cov"].double(), (rows.T @ rows / 8).double()) <= 1e-6
+    assert opt.state["natgrad"].get("skipped_steps", 0) == 0

@@ -130,12 +130,23 @@ class LossSpec:
                 f"factor={self.factor})")
 
     # --- positions ------------------------------------------------------------------------
-    def valid(self, output_grad: Tensor) -> Tensor | None:
+    def valid(self, output: Tensor, output_grad: Tensor) -> Tensor | None:
         """Which positions count, ``[N, ...]`` (the outputs' shape without the class
-        dimension) as bool, read off ∂L/∂f; None when every position counts."""
+        dimension) as bool, read off ∂L/∂f; None when every position counts.
+
+        An ignored position has a zero gradient, but so has a position the model fits
+        exactly: its gradient s·(p − y) underflows to zero once p is one-hot to the output's
+        precision (a classifier trained to a loss near 0 in float32; all of a batch's
+        positions at a loss of exactly 0). A zero-gradient position counts unless the model
+        is less sure of its class than 1 − 4ε (ε of the output's dtype)."""
         if self.ignore_index is None:
             return None
         valid = output_grad.detach().ne(0).any(-1)
+        if bool(valid.all()):
+            return None
+        dtype = torch.promote_types(output.dtype, torch.float32)
+        confident = output.detach().to(dtype).softmax(-1).amax(-1)
+        valid |= confident >= 1 - 4 * torch.finfo(output.dtype).eps
         return None if bool(valid.all()) else valid
 
     def valid_from_targets(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:

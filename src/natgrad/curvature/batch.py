@@ -37,7 +37,7 @@ class StepBatch:
         self.records = records
         self.spec = spec
         k = len(records)
-        self.valid = [spec.valid(r.output_grad) for r in records]
+        self.valid = [spec.valid(r.output, r.output_grad) for r in records]
         self.scales = [
             spec.sum_scale(r.output, v) / k for r, v in zip(records, self.valid, strict=True)
         ]

@@ -52,7 +52,7 @@ class LabelSampler:
             return
         likelihood = self.spec.likelihood
         detached = output.detach()
-        valid = self.spec.valid(record.output_grad)
+        valid = self.spec.valid(detached, record.output_grad)
         targets = [c.output for c in calls] + self.extra_targets
         for _ in range(self.mc_samples):
             # ∂ Σ log p(ŷ) / ∂ output, zero (and no draw) at ignored positions
