@@ -248,7 +248,7 @@ def test_kfac_statistics_stay_finite_on_a_batch_fitted_exactly():
     opt.zero_grad()
     loss = nn.CrossEntropyLoss()(model(inputs), torch.zeros(8, dtype=torch.long))
     loss.backward()
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     opt.step()
     state = opt.state[model[0].weight]
     assert torch.isfinite(state["input_cov"]).all() and torch.isfinite(state["grad_cov"]).all()
