@@ -37,11 +37,16 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNELS_LAST = 8  # from this many input channels Σ āāᵀ cuts its patches channels-last
 
 
+def _padded(inputs: Tensor, conv: nn.Module) -> Tensor:
+    """``inputs`` padded exactly as the layer pads them (string paddings and non-zero modes
+    included)."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+
+
 def _patches(inputs: Tensor, conv: nn.Module) -> Tensor:
     """Input patches ``[N·T, C_in·k₁·…]`` of a convolution, in the weight's layout."""
-    # pad exactly as the layer does (string paddings and non-zero modes included)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    padded = F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+    padded = _padded(inputs, conv)
     if padded.dim() == 4:  # 2-d: F.unfold is the fast path
         patches = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
@@ -80,8 +85,7 @@ def _input_sum(
     C_in), whose sum is permuted back to the weight's channel-outer layout. The bias entries
     are the patches' sum and their count, not a column of ones.
     """
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    padded = F.pad(inputs.to(dtype), conv._reversed_padding_repeated_twice, mode=mode)
+    padded = _padded(inputs.to(dtype), conv)
     dims, channels = padded.dim() - 2, padded.shape[1]
     kernel = math.prod(conv.kernel_size)
     size = channels * kernel
