@@ -238,8 +238,11 @@ def run_scenario(
         ``calls`` (natgrad's own communication), ``rng`` (the label generator's state),
         ``block_bytes`` (the blocks' tensors this rank holds at the end) and
         ``loaded_block_bytes`` (those it read from a DCP checkpoint; None otherwise),
-        ``cached_bytes`` (EKFAC's eigenbases of other ranks' blocks), ``placement`` and
-        ``draws`` (the first label draw of the true Fisher: outputs and labels).
+        ``cached_bytes`` (EKFAC's eigenbases of other ranks' blocks), ``placement``,
+        ``draws`` (the first label draw of the true Fisher: outputs and labels),
+        ``momentum_bytes`` (the momentum δ₀ this rank holds at the end; under FSDP2 its
+        rows), ``loaded_momentum_bytes`` (that just after loading a checkpoint; None
+        without one) and ``momentum_steps`` (the steps that began with a δ₀).
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
@@ -282,12 +285,15 @@ def run_scenario(
             load_checkpoint(resume, optimizer.communicator, model, optimizer)
     elif resume is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+    loaded_momentum = None if resume is None else momentum_bytes(optimizer)
+    momentum_steps = 0
     draws = record_draws(optimizer)
     inputs, labels = (t.to(device) for t in global_batches(start + steps))
     rows = shard(world, rank)
     for step in range(start, start + steps):
         optimizer.zero_grad()
         F.cross_entropy(wrapped(inputs[step, rows]), labels[step, rows]).backward()
+        momentum_steps += any("previous_update" in entry for entry in optimizer.state.values())
         optimizer.step()
         if save_at is not None and step + 1 == save_at[0] and dcp:
             save_dcp(save_at[1], model, optimizer, step=step + 1)
@@ -310,6 +316,9 @@ def run_scenario(
         "cached_bytes": cached_bytes(optimizer),
         "placement": getattr(optimizer_sync(optimizer), "placement", None),
         "draws": draws[:1],
+        "momentum_bytes": momentum_bytes(optimizer),
+        "loaded_momentum_bytes": loaded_momentum,
+        "momentum_steps": momentum_steps,
     }
 
 
@@ -357,6 +366,17 @@ def cached_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the eigenbases this rank caches for blocks that other ranks own (EKFAC)."""
     sync = optimizer_sync(optimizer)
     return 0 if sync is None else sync.cached_bytes()
+
+
+def momentum_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the momentum δ₀ this rank holds (a sharded one's local rows only)."""
+    total = 0
+    for entry in optimizer.state.values():
+        value = entry.get("previous_update")
+        if isinstance(value, Tensor):
+            local = value.to_local() if is_sharded(value) else value
+            total += local.numel() * local.element_size()
+    return total
 
 
 def block_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -7,7 +7,9 @@ for sharded models they do not support. Checked: the ranks' whole (all-gathered)
 are bit-identical; the runs equal one process on the concatenated batch (float64, relative
 error ≤ RTOL_EXACT) where the run is deterministic, and the DDP run of the same scenario in
 every case (the true Fisher's sampled labels included: both draw with seed + rank); natgrad's
-own traffic is DDP's plus two all-gathers of the padded shards per step; with
+own traffic is DDP's plus two all-gathers of the padded shards per step and one more per
+step that has a momentum δ₀, of which each rank keeps only its rows (also after loading any
+of the checkpoints below, and in a DCP checkpoint, which every rank writes its rows of); with
 ``inverse_placement="owner"`` each block's factors and inverses are on exactly one rank; a
 run resumed from its ranks' own state dicts continues bit for bit; natgrad's checkpoint (the
 sharded model saved whole) moves between one process and two sharded ones; a DCP checkpoint
@@ -95,15 +97,56 @@ def test_equals_ddp(runs: Path, name: str) -> None:
         assert rel_err(flat(sharded["params"]), flat(replicated["params"])) <= RTOL_EXACT
 
 
-def test_traffic_is_ddp_plus_two_all_gathers_per_step(runs: Path) -> None:
-    # each step all-gathers the gradient and the parameters: every parameter's dim-0 shard
-    # padded to ⌈d₀/W⌉ rows, float64; the rest (statistics, inverses, the quadratic model's
-    # terms) is the data-parallel exchange, byte for byte (with DDP's default placement)
+def test_traffic_is_ddp_plus_the_all_gathers(runs: Path) -> None:
+    # each step all-gathers the gradient and the parameters, and each step with a δ₀ the
+    # momentum (its rows on each rank): every parameter's dim-0 shard padded to ⌈d₀/W⌉ rows,
+    # float64; the rest (statistics, inverses, the quadratic model's terms) is the
+    # data-parallel exchange, byte for byte (with DDP's default placement)
     shard = sum(math.ceil(p.shape[0] / WORLD) * p[0].numel() for p in build_model().parameters())
     sharded, _ = _ranks(runs, "fsdp-kfac-balanced-empirical-auto")
     replicated, _ = _ranks(runs, "kfac-empirical-auto")
-    assert sharded["bytes"] - replicated["bytes"] == STEPS * 2 * shard * 8
-    assert sharded["calls"] - replicated["calls"] == STEPS * 2
+    assert sharded["momentum_steps"] == replicated["momentum_steps"] >= STEPS // 2
+    gathers = 2 * STEPS + sharded["momentum_steps"]
+    assert sharded["bytes"] - replicated["bytes"] == gathers * shard * 8
+    assert sharded["calls"] - replicated["calls"] == gathers
+
+
+def _momentum_bytes() -> int:
+    """Bytes of a δ₀ for every parameter of build_model (float64)."""
+    return sum(p.numel() for p in build_model().parameters()) * 8
+
+
+@pytest.mark.parametrize("name", ["fsdp-kfac-empirical-fixed", "fsdp-kfac-empirical-auto",
+                                  "fsdp-odd-kfac-empirical-auto", "fsdp-kfac-owner-true-auto"])
+def test_momentum_is_sharded_like_the_parameters(runs: Path, name: str) -> None:
+    # each rank keeps its rows of δ₀ (uneven for the odd model: 4 + 3 of 7): together the
+    # one-process δ₀, each row once
+    whole = one_process(name)["momentum_bytes"]
+    assert whole > 0
+    held = [r["momentum_bytes"] for r in _ranks(runs, name)]
+    assert sum(held) == whole and all(0 < b < whole for b in held)
+
+
+@pytest.mark.parametrize("name", ["fsdp-resume", "fsdp-resume-w1",
+                                  f"dcp-resume-w{WORLD}-{DCP_SAME}", DCP_ACROSS])
+def test_loaded_momentum_is_each_ranks_rows(runs: Path, name: str) -> None:
+    # checkpoints after CHECKPOINT_STEP steps (every parameter has a δ₀), saved by the ranks
+    # themselves (their rows), by one process or by DDP (whole), loaded by two sharded ranks
+    loaded = [r["loaded_momentum_bytes"] for r in _ranks(runs, name)]
+    assert sum(loaded) == _momentum_bytes() and all(0 < b < _momentum_bytes() for b in loaded)
+
+
+def test_dcp_checkpoint_holds_each_ranks_momentum_rows(runs: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    def chunks(name: str) -> list[int]:
+        metadata = dcp.FileSystemReader(dcp_folder(runs, name, WORLD)).read_metadata()
+        return [len(md.chunks) for key, md in metadata.state_dict_metadata.items()
+                if key.endswith("/previous_update")]
+
+    params = len(list(build_model().parameters()))
+    assert chunks(DCP_SAME) == [WORLD] * params  # FSDP2: each rank wrote its rows
+    assert chunks("kfac-empirical-auto") == [1] * params  # DDP: the whole, once
 
 
 def test_owner_placement_trades_inverse_broadcasts_for_directions(runs: Path) -> None:
@@ -154,6 +197,7 @@ def test_whole_checkpoint_moves_between_one_process_and_sharded(runs: Path) -> N
     resumed = one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
                            resume=runs / "fsdp-whole.pt")
     assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
+    assert resumed["loaded_momentum_bytes"] == _momentum_bytes()  # gathered whole
     # one process saved; two sharded ranks continue
     for result in _ranks(runs, "fsdp-resume-w1"):
         assert rel_err(flat(result["params"]), expected) <= RTOL_EXACT
@@ -186,6 +230,7 @@ def test_dcp_checkpoint_resumes_onone_process(runs: Path, name: str) -> None:
     resumed = one_process(name, steps=STEPS - CHECKPOINT_STEP,
                            resume=dcp_folder(runs, name, WORLD))
     assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
+    assert resumed["loaded_momentum_bytes"] == _momentum_bytes()  # the ranks' rows, whole
 
 
 @pytest.mark.gpu

@@ -9,7 +9,8 @@ the 4 ranks; a DCP checkpoint that one process saved is resumed too. Checked: th
 whole parameters are bit-identical; each run equals one process on the concatenated batch
 (float64, relative error ≤ RTOL_EXACT); the 4-rank checkpoints resume on 4 ranks bit for bit
 (EKFAC's cached eigenbases rebuilt from the owners) and on one process equal to it; each
-owner reads only its own blocks; HSDP's all-gathers span its shard group of 2.
+owner reads only its own blocks; each rank keeps (and loads) only its rows of the momentum,
+HSDP's within its shard group; HSDP's all-gathers span its shard group of 2.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def test_dcp_checkpoint_of_four_ranks_resumes_onone_process(runs: Path) -> None:
     resumed = one_process(FSDP_CHECKPOINTED, steps=STEPS - CHECKPOINT_STEP,
                            resume=dcp_folder(runs, FSDP_CHECKPOINTED, WORLD))
     assert rel_err(flat(resumed["params"]), expected) <= RTOL_EXACT
+    whole = sum(p.numel() for p in build_model().parameters()) * 8
+    assert resumed["loaded_momentum_bytes"] == whole  # the 4 ranks' rows of δ₀, read whole
 
 
 def test_hsdp_gathers_within_its_shard_group(runs: Path) -> None:
@@ -107,5 +110,21 @@ def test_hsdp_gathers_within_its_shard_group(runs: Path) -> None:
 
     hsdp = _ranks(runs, f"dcp-save-{HSDP}")[0]
     fsdp = _ranks(runs, f"dcp-save-{FSDP_CHECKPOINTED}")[0]
-    assert hsdp["bytes"] - fsdp["bytes"] == STEPS * 2 * (rows(2) - rows(4)) * 8
+    # two all-gathers per step, and one of the momentum per step with a δ₀
+    assert hsdp["momentum_steps"] == fsdp["momentum_steps"] >= STEPS // 2
+    gathers = 2 * STEPS + hsdp["momentum_steps"]
+    assert hsdp["bytes"] - fsdp["bytes"] == gathers * (rows(2) - rows(4)) * 8
     assert hsdp["calls"] == fsdp["calls"] > 0
+
+
+@pytest.mark.parametrize("name", [*(f"dcp-resume-w{WORLD}-{n}" for n in SAVED), FROM_ONE])
+def test_momentum_is_each_ranks_rows(runs: Path, name: str) -> None:
+    # after loading (from 4 ranks' rows, or from one process's whole δ₀) and at the end:
+    # FSDP2's 4 ranks hold one δ₀ together, HSDP's shard groups (ranks 0, 1 and 2, 3) each one
+    whole = sum(p.numel() for p in build_model().parameters()) * 8
+    groups = [[0, 1], [2, 3]] if HSDP in name else [[0, 1, 2, 3]]
+    ranks = _ranks(runs, name)
+    for key in ("loaded_momentum_bytes", "momentum_bytes"):
+        for group in groups:
+            held = [ranks[r][key] for r in group]
+            assert sum(held) == whole and all(0 < b < whole for b in held)

@@ -10,8 +10,9 @@ rank without a saved stream forks one of its own (see :meth:`natgrad.KFAC.load_s
 
 A model sharded with FSDP2 (``fully_shard``) is saved whole: its shards are gathered into
 one full state dict on rank 0 (on the CPU), and loaded by every rank taking its own shards
-of it, so the checkpoint, like natgrad's optimizer state (whole tensors, identical on every
-rank), loads on any world size, sharded or not.
+of it, so the checkpoint loads on any world size, sharded or not. The optimizer state that
+FSDP2 shards like its parameter (the momentum, a DTensor) is gathered whole the same way, and
+each rank keeps its rows of it again on loading (:meth:`natgrad.KFAC.load_state_dict`).
 
 With ``inverse_placement="owner"`` each rank holds only the blocks it owns: the checkpoint
 gathers every rank's optimizer state into one that holds every block (rank 0's entries
@@ -55,6 +56,18 @@ def _model_state(model: nn.Module) -> dict[str, Any]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def _whole_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict with its sharded tensors (DTensors: FSDP2's momentum) whole
+    (collective where there are any: every rank holds them for the same parameters)."""
+    entries = dict(state["state"])
+    # in parameter order: the ranks' state entries may have been made in different orders
+    for key in sorted(k for k in entries if isinstance(k, int)):
+        if any(is_sharded(v) for v in entries[key].values()):
+            entries[key] = {name: v.full_tensor() if is_sharded(v) else v
+                            for name, v in entries[key].items()}
+    return {**state, "state": entries}
 
 
 def _merged_state(state: dict[str, Any], comm: Communicator) -> dict[str, Any]:
@@ -101,7 +114,7 @@ def save_checkpoint(
         optimizer: the optimizer.
         extra: anything else to store (the step, the configuration, ...).
     """
-    state = optimizer.state_dict()
+    state = _whole_state(optimizer.state_dict())  # collective for sharded state
     if keeps_state_on_owners(optimizer):  # every rank's blocks, on rank 0
         state = _merged_state(state, comm)
     model_state = _model_state(model)  # collective for a sharded model

@@ -4,9 +4,10 @@ world size.
 DCP saves a flat state dict of tensors as a folder that every rank writes its part of, and
 loads it in place into the tensors of a state dict with the same keys, on any number of
 ranks: a DTensor (an FSDP2 parameter) takes its shard of the saved whole, a plain tensor all
-of it. natgrad's optimizer state is made of whole tensors (statistics, inverses, momentum),
-so keyed by parameter name rather than by position it loads on any world size as it is.
-:func:`optimizer_state_dict` gives that flat dict::
+of it. natgrad's optimizer state is made of whole tensors (statistics, inverses), and under
+FSDP2 of DTensors sharded like their parameters (the momentum,
+:data:`natgrad.distributed.fsdp.SHARDED_STATE`), so keyed by parameter name rather than by
+position it loads on any world size. :func:`optimizer_state_dict` gives that flat dict::
 
     state/{parameter name}/{state key}        a tensor (or a pickled value)
     state/{parameter name}/rows a:b/{key}     a block over rows a:b of the parameter
@@ -16,16 +17,20 @@ so keyed by parameter name rather than by position it loads on any world size as
 
 Values other than tensors are pickled into ``bytes`` so that DCP stores each as one item.
 Every rank passes the state it holds: with the same key on several ranks (replicated state)
-DCP writes it once, so under ``inverse_placement="owner"`` each block is written by its owner
-and the replicated momentum by one rank.
+DCP writes it once, so under ``inverse_placement="owner"`` each block is written by its owner,
+the momentum of an FSDP2 model by every rank its own rows (of a replicated model by one
+rank).
 
 Loading needs the keys and shapes before reading (DCP loads in place):
 :func:`optimizer_template` makes them from the checkpoint's metadata, leaving out the blocks
-this rank does not own, and :func:`load_optimizer_state_dict` hands the loaded values to the
-optimizer. On the world size it was saved on, each rank gets its own label stream back; on
-another, rank 0's (the other ranks fork their own from it, as :meth:`natgrad.KFAC.load_state_dict`
-does). :func:`save_dcp` and :func:`load_dcp` are the whole recipe, the model included
-(``get_model_state_dict``: an FSDP2 model's shards, resharded by DCP on load).
+this rank does not own and, for a sharded parameter, making its momentum a DTensor placed
+like the parameter, so that DCP reads only this rank's rows of it (from the saved rows of
+any world size, or from a whole tensor); :func:`load_optimizer_state_dict` hands the loaded
+values to the optimizer. On the world size it was saved on, each rank gets its own label
+stream back; on another, rank 0's (the other ranks fork their own from it, as
+:meth:`natgrad.KFAC.load_state_dict` does). :func:`save_dcp` and :func:`load_dcp` are the
+whole recipe, the model included (``get_model_state_dict``: an FSDP2 model's shards,
+resharded by DCP on load).
 
 Both recipes are collective under a process group (every rank calls them); without one they
 read and write on this process alone.
@@ -42,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad.distributed.fsdp import SHARDED_STATE, is_sharded, shard_like
 from natgrad.distributed.kfac import kronecker_preconditioner
 
 __all__ = [
@@ -77,6 +83,12 @@ def _names(optimizer: Optimizer) -> dict[int, str]:
                              "checkpoint keys use as separator")
         names[id(p)] = name
     return names
+
+
+def _named(optimizer: Optimizer) -> dict[str, Tensor]:
+    """The optimizer's parameters by name in its model."""
+    names = _names(optimizer)
+    return {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
 
 
 def _pack(value: Any) -> Any:
@@ -150,7 +162,8 @@ def optimizer_template(
 
     Left out: the blocks this rank does not own (``inverse_placement="owner"``), and the
     other ranks' label streams (on the saved world size this rank's own is loaded, else
-    rank 0's).
+    rank 0's). The momentum of a sharded (FSDP2) parameter is this rank's rows, a DTensor
+    placed like the parameter, on the parameter's device.
 
     Args:
         optimizer: the optimizer to load into (built as for the saved run).
@@ -168,6 +181,7 @@ def optimizer_template(
     streams = sum(key.startswith("rng/") for key in saved)
     stream = f"rng/{rank if streams == world else 0}"
     preconditioner, where = _owned_blocks(optimizer)
+    sharded = {name: p for name, p in _named(optimizer).items() if is_sharded(p)}
     template: dict[str, Any] = {}
     for key, md in saved.items():
         parts = key.split("/")
@@ -178,7 +192,13 @@ def optimizer_template(
         if block is not None and preconditioner.sync.drops(preconditioner.blocks, block,
                                                             parts[-1]):
             continue  # a block another rank owns
-        if isinstance(md, TensorStorageMetadata):
+        param = sharded.get(parts[1]) if len(parts) == 3 else None
+        if isinstance(md, TensorStorageMetadata) and param is not None \
+                and parts[2] in SHARDED_STATE and tuple(md.size) == tuple(param.shape):
+            local = param.to_local()  # this rank's rows of the parameter
+            template[key] = shard_like(param, torch.empty(local.shape, dtype=md.properties.dtype,
+                                                          device=local.device))
+        elif isinstance(md, TensorStorageMetadata):
             template[key] = torch.empty(md.size, dtype=md.properties.dtype)
         else:
             template[key] = None

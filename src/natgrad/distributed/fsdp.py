@@ -15,6 +15,10 @@ gradient matrix G⁻¹ X A⁻¹, and the quadratic model evaluates the model at 
   the padded dim-0 shards per dtype (the gradient at the start of the step, the parameters);
 * :meth:`ShardedParams.shard`: this rank's rows of a whole update, applied in place to the
   local shard (no communication: every rank computes the same whole update);
+* :meth:`ShardedParams.kept`: per-parameter state the size of its parameter (the momentum
+  δ₀) as the parameter is kept: this rank's rows, a DTensor with the parameter's mesh and
+  placements, so that ``torch.distributed.checkpoint`` saves each rank's rows and reshards
+  them on load; the step gathers the whole δ₀ with :meth:`ShardedParams.whole`;
 * :meth:`ShardedParams.own_forwards`: natgrad's own evaluations of the model (the quadratic
   model's Jacobian-vector products, ρ) run with whole parameter tensors swapped into the
   modules and FSDP's forward hooks set aside, so the model computes exactly as the
@@ -29,10 +33,12 @@ The statistics, inverses and directions then follow the data-parallel path of
 concatenated batch up to rounding. :class:`WholeParams` is the same interface for models
 whose parameters are whole tensors (one process, DDP): every method returns its input.
 
-Cost per step (P parameters, W ranks, bytes of the parameter dtype): the all-gather of the
-gradients and of the parameters each moves (W−1)/W·P values into every rank, on top of
-FSDP's own traffic and the statistics all-reduce of the data-parallel path. The factors,
-inverses and the momentum are replicated on every rank, as under DDP.
+Cost per step (P parameters, W ranks, bytes of the parameter dtype): the all-gathers of the
+gradients, of the parameters and (with momentum, once there is a δ₀) of the momentum each
+move (W−1)/W·P values into every rank, on top of FSDP's own traffic and the data-parallel
+exchange of the statistics. The momentum takes P/W values per rank instead of P; where the
+factors and inverses live is the placement's business (:mod:`natgrad.distributed.kfac`:
+every block on every rank, or each on its owner under ``"owner"``, FSDP2's default).
 """
 
 from __future__ import annotations
@@ -47,7 +53,11 @@ from torch import Tensor, nn
 
 from natgrad.distributed.comm import Communicator
 
-__all__ = ["ShardedParams", "WholeParams", "is_sharded", "param_sharding"]
+__all__ = ["SHARDED_STATE", "ShardedParams", "WholeParams", "is_sharded", "param_sharding",
+           "shard_like"]
+
+# per-parameter optimizer state that is kept as the parameter is (sharded under FSDP2)
+SHARDED_STATE = ("previous_update",)
 
 
 def _dtensor_type() -> type | None:
@@ -64,14 +74,31 @@ def is_sharded(tensor: Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
+def shard_like(param: Tensor, local: Tensor) -> Tensor:
+    """A DTensor on ``param``'s mesh and placements whose local tensor is ``local`` (this
+    rank's rows of a tensor shaped like the DTensor ``param``; no communication).
+
+    Example:
+        >>> momentum = shard_like(weight, torch.zeros_like(weight.to_local()))
+    """
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
 class WholeParams:
     """Parameters that are whole tensors on every rank (one process, DDP): all no-ops."""
 
     sharded = False
 
-    def whole(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def whole(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """The whole tensors of ``tensors``: themselves."""
         return list(tensors)
+
+    def kept(self, param: Tensor, value: Tensor) -> Tensor:
+        """Per-parameter state shaped like ``param`` as this rank keeps it: ``value``."""
+        return value
 
     def shard(self, params: Sequence[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
         """This rank's part of whole tensors shaped like ``params``: all of them."""
@@ -133,16 +160,17 @@ class ShardedParams(WholeParams):
         start = min(self.comm.rank * chunk, rows)
         return chunk, start, min(start + chunk, rows)
 
-    def whole(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Whole tensors of dim-0 sharded DTensors (others as they are): per dtype one
-        all-gather of every tensor's shard padded to c rows, unpadded after.
+    def whole(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Whole tensors of dim-0 sharded DTensors (others, and None, as they are): per
+        dtype one all-gather of every tensor's shard padded to c rows, unpadded after.
+        Collective when some tensor is sharded: every rank passes the same layout.
 
         The modules hold their sharded parameters from here on: one kept unsharded after
         backward (``set_reshard_after_backward(False)``) is resharded, since natgrad finds
         the parameters it swaps by the sharded ones' identity.
         """
         self._reshard()
-        out: list[Tensor] = list(tensors)
+        out: list[Tensor | None] = list(tensors)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             if is_sharded(t):
@@ -187,6 +215,16 @@ class ShardedParams(WholeParams):
     def local(self, params: Sequence[Tensor]) -> list[Tensor]:
         """Each parameter's local shard (the tensor FSDP all-gathers from), updated in place."""
         return [p.to_local() if is_sharded(p) else p for p in params]
+
+    def kept(self, param: Tensor, value: Tensor) -> Tensor:
+        """Per-parameter state shaped like ``param`` as this rank keeps it: for a sharded
+        ``param``, a copy of this rank's rows of the whole tensor ``value`` (the whole may
+        be freed) as a DTensor placed like ``param`` (:func:`shard_like`); a DTensor
+        ``value`` (already kept) and the state of a whole ``param`` as they are."""
+        if not is_sharded(param) or is_sharded(value):
+            return value
+        _, start, stop = self._rows(param.shape[0])
+        return shard_like(param, value[start:stop].clone())
 
     # --- natgrad's own forwards and backwards ---------------------------------------------------
     @contextmanager

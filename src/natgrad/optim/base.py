@@ -249,6 +249,9 @@ class CurvatureOptimizer(Optimizer):
                 if buffer is not None and "previous_update" not in self.state[p]:
                     self.state[p]["previous_update"] = buffer * -group["lr"]
                     self.state[p]["previous_lr"] = group["lr"]
+                if p in self.state and "previous_update" in self.state[p]:  # FSDP2: its rows
+                    self.state[p]["previous_update"] = self._sharding.kept(
+                        p, self.state[p]["previous_update"])
         self._schedule_statistics()
 
     def _schedule_statistics(self) -> None:
@@ -375,7 +378,9 @@ class CurvatureOptimizer(Optimizer):
             values=values,
             grads=[grads[p] for p in params],
             directions=[directions[p] for p in params],
-            previous=[self.state[p].get("previous_update") for p in params],
+            # δ₀ whole (FSDP2 keeps this rank's rows: one all-gather)
+            previous=self._sharding.whole([self.state[p].get("previous_update")
+                                           for p in params]),
             lrs=[self._group_of(p)["lr"] for p in params],
             momenta=[self._group_of(p).get("momentum", 0.0) for p in params],
             previous_lrs=[self.state[p].get("previous_lr") for p in params],
@@ -391,7 +396,7 @@ class CurvatureOptimizer(Optimizer):
 
     def _apply(self, params: list[Tensor], decision: Decision, shrink: list[float]) -> None:
         """θ ← s·θ + δ (s: decoupled weight decay, the problem's); δ is the next step's δ₀.
-        Sharded parameters take their own rows of the whole δ."""
+        Sharded parameters take their own rows of the whole δ, and keep only those of δ₀."""
         local = self._sharding.local(params)
         for t, s in zip(local, shrink, strict=True):
             if s != 1.0:
@@ -400,6 +405,6 @@ class CurvatureOptimizer(Optimizer):
         for p, delta in zip(params, decision.update, strict=True):
             group = self._group_of(p)
             if self.auto.momentum or group.get("momentum", 0.0):
-                self.state[p]["previous_update"] = delta
+                self.state[p]["previous_update"] = self._sharding.kept(p, delta)
                 if not self.auto.enabled:
                     self.state[p]["previous_lr"] = group["lr"]
