@@ -7,7 +7,9 @@ math kernel. Models: causal self-attention written with ``F.scaled_dot_product_a
 a custom ``autograd.Function`` that has no forward-mode derivative, a GPT with a tied head
 over every attention form natgrad's forward rule takes (causal, a learned additive mask,
 grouped-query, a boolean padding mask from keyword inputs) for k = 1, 2, 3 tangents, and
-Hugging Face's GPT-2 and Llama called with keywords.
+Hugging Face's GPT-2 and Llama called with keywords. The last two run both routes of
+:meth:`FunctionalModel.jvp`: the stacked pass (all tangents at once) and forward-mode AD one
+tangent at a time (the route of a model the stacked pass does not take).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import natgrad
 from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
 from natgrad._calls import CallLayout
-from natgrad.curvature.model import FunctionalModel, reverse_only
+from natgrad.curvature.model import (
+    FunctionalModel,
+    mark_unstacked,
+    reverse_only,
+    unstacked_reason,
+)
 
 VOCAB, WIDTH, HEADS, T, N = 7, 8, 2, 5, 4
 
@@ -121,6 +128,9 @@ def test_jvp_matches_the_double_backward_reference(name):
         assert rel_err(product, reference_jvp(model, tokens, tangent)) <= RTOL_EXACT
     # the custom Function has no forward-mode derivative: the model went reverse-only
     assert reverse_only(model) == (name == "custom-function")
+    # the stacked pass takes the plain GPT; not the custom Function (its forward runs with
+    # forward-mode AD off) nor the encoder layer (multi_head_attention_forward has no rule)
+    assert (unstacked_reason(model) is None) == (name == "sdpa")
     _, again = fmodel.jvp_reverse((tokens,), tangents)
     for product, other in zip(products, again, strict=True):
         assert rel_err(other, product) <= RTOL_EXACT
@@ -236,11 +246,13 @@ def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], layout: CallL
         return torch.autograd.functional.jvp(outputs, params, tuple(tangent))[1]
 
 
+@pytest.mark.parametrize("route", ["stacked", "per-tangent"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("attention", ["causal", "bias", "grouped", "keywords"])
-def test_products_of_a_tied_transformer(attention, k, monkeypatch):
-    """k tangents at once through :meth:`FunctionalModel.jvp` (natgrad's attention rule),
-    each against ``torch.autograd.functional.jvp``; outputs against the training forward."""
+def test_products_of_a_tied_transformer(attention, k, route, monkeypatch):
+    """k tangents through :meth:`FunctionalModel.jvp`, each against
+    ``torch.autograd.functional.jvp``; outputs against the training forward. ``stacked``: all
+    at once; ``per-tangent``: one forward-mode pass each, through natgrad's attention rule."""
     from natgrad.curvature import forward_rules
 
     calls = []
@@ -261,8 +273,12 @@ def test_products_of_a_tied_transformer(attention, k, monkeypatch):
     tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in model.parameters()]
                 for _ in range(k)]
     fmodel = FunctionalModel(model, layout=layout)
+    if route == "per-tangent":
+        mark_unstacked(model, "the test asks for the per-tangent route")
     outputs, products = fmodel.jvp(inputs, tangents)
-    assert len(calls) == 2 * k  # every block's attention went through the rule
+    # per tangent, every block's attention went through the forward-mode rule; stacked, none
+    assert len(calls) == (2 * k if route == "per-tangent" else 0)
+    assert route == "per-tangent" or unstacked_reason(model) is None
     assert not reverse_only(model)
     training = fmodel.call(inputs).detach()
     assert torch.isfinite(training).all()
@@ -291,11 +307,15 @@ def _hugging_face(name: str) -> nn.Module:
     return build(config).to(DTYPE)
 
 
+@pytest.mark.parametrize("route", ["stacked", "per-tangent"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_products_of_hugging_face_models_called_with_keywords(name):
+def test_products_of_hugging_face_models_called_with_keywords(name, route):
     """Hugging Face causal LMs called as ``model(input_ids=..., attention_mask=...)`` with
-    left and right padding: two tangents against ``torch.autograd.functional.jvp``."""
+    left and right padding: two tangents against ``torch.autograd.functional.jvp``, by either
+    route of :meth:`FunctionalModel.jvp`."""
     model = _hugging_face(name)
+    if route == "per-tangent":
+        mark_unstacked(model, "the test asks for the per-tangent route")
     tokens = torch.randint(1, VOCAB, (N, T), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(N, T, dtype=torch.long)
     mask[0, :2] = mask[1, -1] = 0
@@ -306,6 +326,7 @@ def test_products_of_hugging_face_models_called_with_keywords(name):
     fmodel = FunctionalModel(model, layout=layout)
     outputs, products = fmodel.jvp((tokens, mask), tangents)
     assert not reverse_only(model)
+    assert route == "per-tangent" or unstacked_reason(model) is None
     assert rel_err(outputs, fmodel.call((tokens, mask)).detach()) <= RTOL_EXACT
     for tangent, product in zip(tangents, products, strict=True):
         assert rel_err(product, _reference(model, (tokens, mask), layout, tangent)) <= RTOL_EXACT

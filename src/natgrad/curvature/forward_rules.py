@@ -37,7 +37,7 @@ fused, ``native_layer_norm_backward`` for ẋ and ``native_layer_norm`` with wei
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ForwardRules"]
+__all__ = ["ForwardRules", "attention_plan"]
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -109,10 +109,18 @@ class _Attention(torch.autograd.Function):
         raise RuntimeError("natgrad's attention rule is forward-mode only")
 
 
-def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-               enable_gqa: bool = False) -> Tensor:
-    """``F.scaled_dot_product_attention`` through :class:`_Attention` where it applies."""
+AttentionPlan = tuple[int, Tensor | None, Tensor | None, float]
+
+
+def attention_plan(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> AttentionPlan | None:
+    """How natgrad's rules compute ``F.scaled_dot_product_attention`` on these arguments:
+    ``(groups, bias, empty, scale)``, with keys and values repeated ``groups`` times along
+    dimension −3 (grouped-query attention), s = q kᵀ·scale + bias (``bias`` broadcasts to
+    ``[*B, L, S]``, None: no mask) and the rows in ``empty`` (``[*B, L, 1]``) zero; None
+    where the call goes to PyTorch's function (the module doc's exceptions, or keys, values
+    or mask that do not broadcast over the queries' batch)."""
     dtype = query.dtype
     plain = (
         dropout_p == 0.0
@@ -123,24 +131,23 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         and (attn_mask is None or attn_mask.dtype in (torch.bool, dtype))
         and not torch.is_autocast_enabled(query.device.type)
     )
-    if plain and enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
-        groups, rest = divmod(query.shape[-3], key.shape[-3])
-        plain = rest == 0 and key.shape[-3] == value.shape[-3]
-        if plain:  # grouped-query attention: each key/value head serves `groups` query heads
-            key = key.repeat_interleave(groups, dim=-3)
-            value = value.repeat_interleave(groups, dim=-3)
-    length, source = query.shape[-2], key.shape[-2]
-    if plain:  # keys, values and mask broadcast over the queries' batch (not the other way)
-        scores = (*query.shape[:-2], length, source)
-        shapes = [(*key.shape[:-2], length, source), (*value.shape[:-2], length, source)]
-        shapes += [] if attn_mask is None else [attn_mask.shape]
-        try:
-            plain = torch.broadcast_shapes(scores, *shapes) == scores
-        except RuntimeError:
-            plain = False
     if not plain:
-        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return None
+    groups, key_shape, value_shape = 1, key.shape, value.shape
+    if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        groups, rest = divmod(query.shape[-3], key.shape[-3])
+        if rest != 0 or key.shape[-3] != value.shape[-3]:
+            return None
+        # each key/value head serves `groups` query heads
+        key_shape = (*key.shape[:-3], query.shape[-3], *key.shape[-2:])
+        value_shape = (*value.shape[:-3], query.shape[-3], *value.shape[-2:])
+    length, source = query.shape[-2], key.shape[-2]
+    # keys, values and mask broadcast over the queries' batch (not the other way)
+    scores = (*query.shape[:-2], length, source)
+    shapes = [(*key_shape[:-2], length, source), (*value_shape[:-2], length, source)]
+    shapes += [] if attn_mask is None else [attn_mask.shape]
+    if not all(_broadcasts(shape, scores) for shape in shapes):
+        return None
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     bias = empty = None
     if is_causal:  # query i sees keys 0..i (top left aligned), never an empty row
@@ -153,10 +160,31 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     elif attn_mask is not None:
         bias = attn_mask
         empty = torch.isneginf(attn_mask).all(-1, keepdim=True)
+    return groups, bias, empty, scale
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` through :class:`_Attention` where it applies."""
+    plan = attention_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if plan is None:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    groups, bias, empty, scale = plan
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
     batch = query.shape[:-2]  # keys and values broadcast over the queries' batch
     key = key.expand(*batch, *key.shape[-2:])
     value = value.expand(*batch, *value.shape[-2:])
     return _Attention.apply(query, key, value, bias, empty, scale)
+
+
+def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` (and not beyond it)."""
+    return len(shape) <= len(target) and all(
+        a == b or a == 1 for a, b in zip(reversed(shape), reversed(target), strict=False))
 
 
 def _plain(*tensors: Tensor | None) -> bool:
