@@ -35,6 +35,7 @@ DTYPE = torch.float64
 GLOBAL_BATCH = 16
 STEPS = 8
 CHECKPOINT_STEP = 4  # the "ckpt" scenarios save after this many steps
+OVERFLOW_STEP = 2  # the overflow scenarios' step whose statistics are not finite
 
 
 class Scale(nn.Module):
@@ -106,6 +107,9 @@ class Scenario:
     kept: bool = False  # FSDP keeps the parameters unsharded after backward
     frozen: bool = False  # the LayerNorm's weight does not train (sharded, not optimized)
     hsdp: bool = False  # HSDP: fully_shard on a (W/2 replicas) × (2 shards) mesh
+    # the last example of the global batch at step OVERFLOW_STEP (the last rank's) scaled by
+    # 1e200: its Σ āāᵀ overflows on that rank alone (tanh saturates: gradients stay finite)
+    overflow: bool = False
 
 
 SCENARIOS = {
@@ -124,6 +128,12 @@ SCENARIOS = {
     "ekfac-empirical-auto-inv3": Scenario("EKFAC", {**EMPIRICAL, **AUTO, "inv_every": 3}),
     "ngdcg-empirical-auto": Scenario("NGDCG", {**EMPIRICAL}),
     "kfac-tied-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, tied=True),
+    # "owner": the statistics reduced to the owners, a shared weight's uses to its block's
+    "kfac-tied-empirical-auto-owner": Scenario(
+        "KFAC", {**EMPIRICAL, **AUTO, "inverse_placement": "owner"}, tied=True),
+    # "owner": a block's overflowing sums are seen by its owner only; every rank skips
+    "kfac-overflow-empirical-auto-owner": Scenario(
+        "KFAC", {**EMPIRICAL, **AUTO, "inverse_placement": "owner"}, overflow=True),
     "kfac-true-auto": Scenario("KFAC", {"stat_every": 1, "inv_every": 2, "mc_samples": 2},
                                exact=False),
     "ekfac-true-fixed-everywhere": Scenario(
@@ -242,7 +252,8 @@ def run_scenario(
         ``draws`` (the first label draw of the true Fisher: outputs and labels),
         ``momentum_bytes`` (the momentum δ₀ this rank holds at the end; under FSDP2 its
         rows), ``loaded_momentum_bytes`` (that just after loading a checkpoint; None
-        without one) and ``momentum_steps`` (the steps that began with a δ₀).
+        without one), ``momentum_steps`` (the steps that began with a δ₀) and ``skipped``
+        (the steps skipped for non-finite values).
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
@@ -288,7 +299,10 @@ def run_scenario(
     loaded_momentum = None if resume is None else momentum_bytes(optimizer)
     momentum_steps = 0
     draws = record_draws(optimizer)
-    inputs, labels = (t.to(device) for t in global_batches(start + steps))
+    inputs, labels = global_batches(start + steps)
+    if scenario.overflow and start <= OVERFLOW_STEP < start + steps:
+        inputs[OVERFLOW_STEP, -1] *= 1e200
+    inputs, labels = inputs.to(device), labels.to(device)
     rows = shard(world, rank)
     for step in range(start, start + steps):
         optimizer.zero_grad()
@@ -319,6 +333,7 @@ def run_scenario(
         "momentum_bytes": momentum_bytes(optimizer),
         "loaded_momentum_bytes": loaded_momentum,
         "momentum_steps": momentum_steps,
+        "skipped": optimizer.global_state["skipped_steps"],
     }
 
 
@@ -424,6 +439,11 @@ def check_communicator(device: torch.device) -> dict[str, Any]:
                                                                         device=device)]
     comm.broadcast(shared, src=1)
     gathered = comm.all_gather(torch.tensor([rank, 7 * rank], device=device))
+    summed = [torch.full((2,), rank + 1.0, dtype=DTYPE, device=device),
+              torch.full((3,), rank + 1.0, device=device)]
+    before = (comm.calls, comm.bytes)
+    comm.reduce(summed, dst=1)
+    reduce_counts = (comm.calls - before[0], comm.bytes - before[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         natgrad.NaturalGradient(build_model().to(device), lr=0.1, damping=0.1)
@@ -434,6 +454,8 @@ def check_communicator(device: torch.device) -> dict[str, Any]:
         "broadcast": [t.cpu() for t in shared],
         "sum_values": comm.sum_values([rank, 2.5]),
         "all_gather": [t.cpu() for t in gathered],
+        "reduce": [t.cpu() for t in summed],
+        "reduce_counts": reduce_counts,
         "calls": comm.calls,
         "bytes": comm.bytes,
     }

@@ -36,6 +36,7 @@ def _check_inactive(comm: Communicator) -> None:
     tensors = [torch.ones(3), torch.arange(4.0, dtype=torch.float64)]
     before = [t.clone() for t in tensors]
     comm.all_reduce(tensors)
+    comm.reduce(tensors, dst=0)
     comm.broadcast(tensors, src=0)
     for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t, b)
@@ -101,3 +102,10 @@ def test_collectives_on_two_processes(tmp_path: Path) -> None:
         assert [t.tolist() for t in result["all_gather"]] == [[0, 0], [1, 7]]
         # an optimizer without data-parallel support says so
         assert any("drift apart" in message for message in result["ngd_warning"])
+    # reduce to rank 1: the sum there, rank 0's tensors untouched; one call per dtype
+    first, second = (result["reduce"] for result in results)
+    assert torch.equal(first[0], torch.full((2,), 1.0, dtype=torch.float64))
+    assert torch.equal(first[1], torch.full((3,), 1.0))
+    assert torch.equal(second[0], torch.full((2,), 3.0, dtype=torch.float64))
+    assert torch.equal(second[1], torch.full((3,), 3.0))
+    assert [r["reduce_counts"] for r in results] == [(2, 2 * 8 + 3 * 4)] * 2

@@ -152,16 +152,22 @@ def test_dcp_checkpoint_holds_each_ranks_momentum_rows(runs: Path) -> None:
 def test_owner_placement_trades_inverse_broadcasts_for_directions(runs: Path) -> None:
     # "owner" (FSDP2's default): every step the owners broadcast their blocks' directions
     # (every parameter with a block: all but Scale's), instead of the inverses at each refresh
-    # (K-FAC: A⁻¹ and G⁻¹ of both Linear layers and the LayerNorm's (F + λI)⁻¹)
+    # (K-FAC: A⁻¹ and G⁻¹ of both Linear layers and the LayerNorm's (F + λI)⁻¹); the
+    # statistics (every step here) go to their owners, one reduce per owning rank, the
+    # counts and one finiteness flag per block (3 blocks) in an all-reduce: the same bytes
+    # but the flags, sent once each instead of twice by a ring all-reduce
     model = build_model()
     with_block = sum(p.numel() for p in model.parameters()) - model[4].weight.numel()
     inverses = 7 * 7 + 8 * 8 + 16 * 16 + 9 * 9 + 4 * 4
     owner, _ = _ranks(runs, "fsdp-kfac-empirical-auto")
     balanced, _ = _ranks(runs, "fsdp-kfac-balanced-empirical-auto")
     assert owner["placement"] == "owner" and balanced["placement"] == "balanced"
-    saved = STEPS * with_block * 8 - (owner["bytes"] - balanced["bytes"])
+    saved = STEPS * (with_block + 3) * 8 - (owner["bytes"] - balanced["bytes"])
     refreshes, rest = divmod(saved, inverses * 8)
     assert rest == 0 and 1 <= refreshes <= STEPS
+    # calls per step: 2 reduces (both ranks own blocks) and 2 direction broadcasts; per
+    # refresh 2 inverse broadcasts fewer
+    assert owner["calls"] - balanced["calls"] == STEPS * 4 - refreshes * 2
 
 
 @pytest.mark.parametrize("name", ["fsdp-kfac-empirical-auto", "fsdp-ekfac-empirical-auto"])

@@ -105,6 +105,15 @@ def test_one_all_reduce_per_statistics_step(runs: tuple[Path, dict]) -> None:
     assert everywhere["bytes"] < balanced["bytes"]
 
 
+def test_overflowing_statistics_skip_the_step_on_every_rank(runs: tuple[Path, dict]) -> None:
+    # "owner": the block whose Σ āāᵀ overflows on one rank is summed on its owner alone; its
+    # flag makes every rank skip the step, as one process does (then they carry on together)
+    out, references = runs
+    name = "kfac-overflow-empirical-auto-owner"
+    assert references[name]["skipped"] == 1
+    assert [r["skipped"] for r in _ranks(out, name)] == [1, 1]
+
+
 def test_checkpoint_of_one_process_resumes_on_two(runs: tuple[Path, dict]) -> None:
     out, references = runs
     expected = _flat(references[CHECKPOINTED]["params"])

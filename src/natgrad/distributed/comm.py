@@ -7,7 +7,8 @@ method returns at once without touching its tensors, so single-process training 
 same code, bit for bit, at the same speed.
 
 Collectives are *bucketed*: a list of tensors becomes one flat buffer per dtype, so a
-statistics step of a 50-layer network is one ``all_reduce`` call, not 100. The backend's
+statistics step of a 50-layer network is one ``all_reduce`` call (or one ``reduce`` per
+owning rank), not 100. The backend's
 device holds the buffer (CUDA for NCCL, the CPU for gloo), so the same code runs on both.
 Payload bytes and calls are counted for the benchmark (:attr:`Communicator.bytes`).
 """
@@ -121,12 +122,17 @@ class Communicator:
             groups.setdefault(t.dtype, []).append(t)
         return list(groups.values())
 
-    def _collective(self, tensors: Sequence[Tensor], op: Callable[[Tensor], None]) -> None:
+    def _collective(
+        self, tensors: Sequence[Tensor], op: Callable[[Tensor], None], receives: bool = True
+    ) -> None:
+        """``op`` on one flat buffer per dtype; the result copied back where ``receives``."""
         device = self.device
         for bucket in self._buckets(tensors):
             flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
             op(flat)
             self._count(flat.numel() * flat.element_size())
+            if not receives:
+                continue
             offset = 0
             for t in bucket:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -139,6 +145,18 @@ class Communicator:
         """
         if tensors and self.active:
             self._collective(tensors, lambda flat: dist.all_reduce(flat, group=self.group))
+
+    def reduce(self, tensors: Sequence[Tensor], dst: int) -> None:
+        """tᵢ ← Σ_ranks tᵢ in place on rank ``dst`` (a rank of the group) only; the other
+        ranks' tensors are left as they were. One ``reduce`` per dtype.
+
+        Only ``dst`` receives the sum: a ring or chain reduce sends each rank's buffer about
+        once, half of what a ring all-reduce sends (2(W−1)/W times it) for the same sums.
+        """
+        if tensors and self.active:
+            root = self._global_rank(dst)
+            self._collective(tensors, lambda flat: dist.reduce(flat, dst=root, group=self.group),
+                             receives=self.rank == dst)
 
     def broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
         """tᵢ ← rank ``src``'s tᵢ in place (``src`` is a rank of the group); one call per dtype."""

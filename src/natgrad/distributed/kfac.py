@@ -14,11 +14,15 @@ preconditions the (all-reduced) gradient itself and the parameters stay identica
 summed statistics into its moving averages, refreshes the inverses and preconditions the
 block's gradient; every step the owners broadcast their blocks' directions (one broadcast per
 owning rank, bucketed), so every rank ends the step with the same directions while holding
-about 1/W of the blocks' factors and inverses (:meth:`FactorSync.share_directions`). EKFAC's
-scaling statistics Σ (Q_Gᵀ Xₙ Q_A)² need the eigenbases where the samples are: after a
-refresh each owner broadcasts its blocks' new eigenbases once (at the next statistics step,
-:meth:`FactorSync.eigenbases`), and the other ranks keep them as a cache outside the
-optimizer state; the summed scaling is kept by the owner alone.
+about 1/W of the blocks' factors and inverses (:meth:`FactorSync.share_directions`). Since
+only the owner needs a block's sums, they are reduced to it (one bucketed reduce per owning
+rank, about half the bytes of an all-reduce), and only what every rank needs is all-reduced:
+the fallback diagonal, the sample counts and one finiteness flag per block
+(:meth:`FactorSync.reduce_statistics`). EKFAC's scaling statistics Σ (Q_Gᵀ Xₙ Q_A)² need the
+eigenbases where the samples are: after a refresh each owner broadcasts its blocks' new
+eigenbases once (at the next statistics step, :meth:`FactorSync.eigenbases`), and the other
+ranks keep them as a cache outside the optimizer state; the scaling sums are reduced to the
+owner, which alone keeps them.
 
 References:
     Osawa et al., Large-scale distributed second-order optimization using
@@ -126,8 +130,24 @@ def _counts(values: Sequence[float], dtype: torch.dtype) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=dtype)
 
 
+def _finite_each(groups: Sequence[Sequence[Tensor]]) -> list[bool]:
+    """Per group of tensors, whether :func:`natgrad._checks.all_finite` holds for it (each
+    tensor's 2-norm finite: the test the optimizer applies to the statistics), one device
+    sync per dtype and device in all."""
+    found: dict[tuple[torch.dtype, torch.device], list[tuple[int, Tensor]]] = {}
+    for index, group in enumerate(groups):
+        for t in group:
+            found.setdefault((t.dtype, t.device), []).append((index, t))
+    finite = [True] * len(groups)
+    for entries in found.values():
+        norms = torch.stack(torch._foreach_norm([t for _, t in entries], 2))
+        for (index, _), ok in zip(entries, norms.isfinite().tolist(), strict=True):
+            finite[index] = finite[index] and ok
+    return finite
+
+
 class FactorSync:
-    """K-FAC's communication: statistics all-reduce, inverse placement and broadcast.
+    """K-FAC's communication: statistics exchange, inverse placement and broadcast.
 
     Args:
         comm: the communicator (the statistics and refresh methods assume
@@ -146,7 +166,9 @@ class FactorSync:
         self.comm = comm
         self.placement = placement
         self._shapes: dict[str, tuple[Shape | None, Shape]] = {}
-        self._owners: tuple[tuple[int, tuple[str, ...]], dict[str, int]] | None = None
+        # (world size, block names) -> owner by block name, and by id of each block parameter
+        self._owners: tuple[tuple[int, tuple[str, ...]], dict[str, int], dict[int, int]] | None \
+            = None
         # "owner" with EKFAC: the eigenbases of blocks other ranks own (Q_G, Q_A), and the
         # version of each block's eigenbases last broadcast (the same on every rank)
         self._bases: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -182,7 +204,7 @@ class FactorSync:
                 ids = [id(p) for p in block.handler.params]
                 owners[index] = next((first[i] for i in ids if i in first), owners[index])
                 first.update(dict.fromkeys(ids, owners[index]))
-            self._owners = (key, dict(zip(blocks, owners, strict=True)))
+            self._owners = (key, dict(zip(blocks, owners, strict=True)), first)
         return self._owners[1]
 
     @property
@@ -307,6 +329,31 @@ class FactorSync:
         return self.comm.sum_values([value])[0] if self.on_owners else value
 
     # --- statistics ---------------------------------------------------------------------------
+    def _statistics_owners(self, blocks: dict[str, Any]) -> dict[str, int] | None:
+        """The rank that keeps each entry's statistics under ``"owner"`` (else None).
+
+        ``blocks`` is the optimizer's blocks, or those with each shared weight's block
+        replaced by one entry per use (:class:`natgrad.optim.kronecker.KroneckerPreconditioner`
+        sends the uses' statistics separately); a use goes to the owner of the block over its
+        weight, known once :meth:`owners` has seen the blocks. None before that: the first
+        statistics step of a model with a shared weight sums everything on every rank.
+        """
+        if not self.on_owners:
+            return None
+        if all(isinstance(b, KroneckerBlock | DenseBlock | SharedBlock) for b in blocks.values()):
+            return self.owners(blocks)
+        if self._owners is None:
+            return None
+        by_name, by_param = self._owners[1], self._owners[2]
+        owners = {}
+        for name, block in blocks.items():
+            owner = by_name.get(name) if isinstance(block, KroneckerBlock | DenseBlock) \
+                else by_param.get(id(block.handler.params[0]))
+            if owner is None:
+                return None
+            owners[name] = owner
+        return owners
+
     def reduce_statistics(
         self,
         blocks: dict[str, Block],
@@ -316,12 +363,18 @@ class FactorSync:
         samples: int,
         dtype: torch.dtype,
     ) -> tuple[dict[str, FactorSums], dict[Tensor, Tensor], int]:
-        """Σ over ranks of every block's sums, of the fallback diagonal sums and of ``samples``.
+        """Σ over ranks of every block's sums (on the ranks that keep the block), of the
+        fallback diagonal sums and of ``samples`` (on every rank).
 
-        One bucketed all-reduce (one call per dtype: one in all for float32 or float64
-        statistics, counts included). A block or
-        parameter that this rank has no statistics for contributes zeros, so every rank
-        sends the same layout.
+        ``"balanced"`` and ``"everywhere"`` (every rank keeps every block): one bucketed
+        all-reduce of everything (one call per dtype: one in all for float32 or float64
+        statistics, counts included). ``"owner"``: each owner receives the sums of its blocks,
+        one bucketed reduce per owning rank (a reduce sends about half the bytes of an
+        all-reduce of the same buffer), then one all-reduce of what every rank needs: the
+        diagonal (every rank preconditions the fallback parameters), the sample counts (the
+        diagonal's normaliser) and a flag per block, set by its owner when the summed sums are
+        not finite. A block or parameter that this rank has no statistics for contributes
+        zeros, so every rank sends the same layout.
 
         Args:
             blocks: all blocks, in the optimizer's (rank-independent) order.
@@ -332,43 +385,64 @@ class FactorSync:
             dtype: the factor dtype (for the zeros of missing blocks).
 
         Returns:
-            (summed sums of the blocks some rank saw, summed diagonal, total samples).
+            (summed sums of the blocks some rank saw, summed diagonal, total samples). Under
+            ``"owner"`` a block this rank does not keep comes with its total counts and no
+            sums (None), or, where its owner's sums are not finite, a NaN ``grad_sum``: the
+            finiteness of the statistics is the same on every rank, so every rank skips
+            such a step.
         """
-        tensors: list[Tensor] = []
+        per_block: list[list[Tensor]] = []
         counts: list[float] = []
         parts: list[tuple[str, FactorSums]] = []
         for name, block in blocks.items():
             input_shape, grad_shape = self._shape(name, block)
             part = sums[name] if name in sums else FactorSums()
             device = block.handler.params[0].device
-            if input_shape is not None:
-                if part.input_sum is None:
-                    part.input_sum = torch.zeros(input_shape, dtype=dtype, device=device)
-                tensors.append(part.input_sum)
+            if input_shape is not None and part.input_sum is None:
+                part.input_sum = torch.zeros(input_shape, dtype=dtype, device=device)
             if part.grad_sum is None:
                 part.grad_sum = torch.zeros(grad_shape, dtype=dtype, device=device)
-            tensors.append(part.grad_sum)
+            per_block.append([t for t in (part.input_sum, part.grad_sum) if t is not None])
             counts += [part.rows, part.samples]
             parts.append((name, part))
         diag = [diagonal[p] if p in diagonal else torch.zeros(p.shape, dtype=p.dtype,
                                                               device=p.device)
                 for p in diagonal_params]
-        count_tensor = _counts([*counts, samples], dtype)
-        self.comm.all_reduce([*tensors, *diag, count_tensor])
+        owners = self._statistics_owners(blocks)
+        if owners is None:  # every rank keeps every block
+            count_tensor = _counts([*counts, samples], dtype)
+            self.comm.all_reduce([*(t for ts in per_block for t in ts), *diag, count_tensor])
+        else:
+            rank = self.comm.rank
+            for src in range(self.comm.world_size):
+                self.comm.reduce([t for (name, _), ts in zip(parts, per_block, strict=True)
+                                  if owners[name] == src for t in ts], src)
+            mine = [i for i, (name, _) in enumerate(parts) if owners[name] == rank]
+            finite = _finite_each([per_block[i] for i in mine])
+            flags = [0.0] * len(parts)
+            for i, ok in zip(mine, finite, strict=True):
+                flags[i] = 0.0 if ok else 1.0
+            count_tensor = _counts([*counts, samples, *flags], dtype)
+            self.comm.all_reduce([*diag, count_tensor])
         totals = [round(c) for c in count_tensor.tolist()]
         reduced = {}
         for index, (name, part) in enumerate(parts):
             part.rows, part.samples = totals[2 * index], totals[2 * index + 1]
+            if owners is not None and owners[name] != self.comm.rank:  # summed on its owner
+                nonfinite = totals[2 * len(parts) + 1 + index]
+                part.input_sum = None
+                part.grad_sum = torch.full((), float("nan"), dtype=dtype) if nonfinite else None
             if part.samples:
                 reduced[name] = part
-        return reduced, dict(zip(diagonal_params, diag, strict=True)), totals[-1]
+        return reduced, dict(zip(diagonal_params, diag, strict=True)), totals[2 * len(parts)]
 
     def reduce_scaling(
         self, blocks: dict[str, Block], parts: dict[str, tuple[Tensor | None, int]],
         dtype: torch.dtype,
     ) -> dict[str, tuple[Tensor, int]]:
-        """Σ over ranks of EKFAC's scaling sums and their sample counts (one all-reduce),
-        for the blocks whose scaling this rank keeps.
+        """Σ over ranks of EKFAC's scaling sums and their sample counts, for the blocks
+        whose scaling this rank keeps: one all-reduce, or under ``"owner"`` one reduce per
+        owning rank of its blocks' sums and counts (only the owner keeps the scaling).
 
         ``parts`` maps every block of :meth:`eigenbases` to (Σ (Q_Gᵀ Xₙ Q_A)², Nᵣ), or
         (None, 0) where this rank saw no samples of it; ``dtype`` is the scaling's.
@@ -385,11 +459,23 @@ class FactorSync:
             tensors.append(total)
             counts.append(samples)
         dtype = tensors[0].dtype if tensors else torch.float64
-        count_tensor = _counts(counts, dtype)
-        self.comm.all_reduce([*tensors, count_tensor])
-        totals = [round(c) for c in count_tensor.tolist()]
-        return {n: (t, c) for n, t, c in zip(names, tensors, totals, strict=True)
-                if c and self.keeps(blocks, n)}  # "owner": the scaling on the owner only
+        if not self.on_owners:
+            count_tensor = _counts(counts, dtype)
+            self.comm.all_reduce([*tensors, count_tensor])
+            totals = [round(c) for c in count_tensor.tolist()]
+            return {n: (t, c) for n, t, c in zip(names, tensors, totals, strict=True) if c}
+        owners, rank, out = self.owners(blocks), self.comm.rank, {}
+        for src in range(self.comm.world_size):
+            owned = [i for i, name in enumerate(names) if owners[name] == src]
+            if not owned:
+                continue
+            count_tensor = _counts([counts[i] for i in owned], dtype)
+            self.comm.reduce([*(tensors[i] for i in owned), count_tensor], src)
+            if src == rank:  # the sums of the blocks this rank keeps
+                totals = [round(c) for c in count_tensor.tolist()]
+                out = {names[i]: (tensors[i], c) for i, c in zip(owned, totals, strict=True)
+                       if c}
+        return out
 
     # --- inverses -----------------------------------------------------------------------------
     def refresh(
