@@ -1,30 +1,34 @@
-"""What natgrad's generic Jacobian-vector product costs, with and without its forward rules.
+"""What natgrad's generic Jacobian-vector product costs, by route.
 
     python benchmarks/jvp_cost.py [--problem char-gpt] [--rounds 15] [--steps 60]
                                   [--hugging-face]
 
-Two measurements on one thread, each taking turns (round-robin) so that machine noise hits
-the variants alike, reported as medians of CPU time of this thread (``time.thread_time``,
+Measurements on one thread, each taking turns (round-robin) so that machine noise hits the
+variants alike, reported as medians of CPU time of this thread (``time.thread_time``,
 which other processes on the machine barely disturb) and of wall time:
 
 * ``FunctionalModel.jvp`` for k = 1, 2, 3 tangents on the problem's model and batch (the
-  quadratic model's call: k = 2), next to a plain forward (no gradients);
+  quadratic model's call: k = 2), next to a plain forward (no gradients), by each route:
+  ``stacked``, the library's first choice (:mod:`natgrad.curvature.stacked`: the primal once,
+  the k tangents together); ``rules``, forward-mode AD one tangent at a time with natgrad's
+  forward rules (:mod:`natgrad.curvature.forward_rules`; the route of a model the stacked
+  pass does not take, and the library's route before it); ``torch``, the same with PyTorch's
+  own rules throughout; and, for k = 2, ``vmap``: ``torch.func.vmap`` over the tangents of
+  ``torch.func.jvp`` (measured and not used: slower than ``rules``);
 * a whole training step (forward, backward, ``opt.step()``) of ``natgrad.KFAC`` with its
-  defaults and of ``torch.optim.Adam``, as in ``benchmarks/step_time.py``;
-* with ``--hugging-face``, ``FunctionalModel.jvp`` for k = 2 on Hugging Face's GPT-2 and Llama
-  (2 layers, width 64, 16 sequences of 32 tokens, called with keywords).
+  defaults by the ``stacked`` and ``rules`` routes, and of ``torch.optim.Adam``, as in
+  ``benchmarks/step_time.py``;
+* with ``--hugging-face``, ``FunctionalModel.jvp`` for k = 1, 2 on Hugging Face's GPT-2 and
+  Llama (2 layers, width 64, 16 sequences of 32 tokens, called with keywords), by each
+  route.
 
-Each natgrad measurement runs with three sets of forward-mode rules
-(:mod:`natgrad.curvature.forward_rules`): ``rules``, the library as shipped; ``attention``,
-natgrad's attention rule only; ``torch``, PyTorch's own rules throughout. Prints a table,
-then one JSON line.
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import statistics
 import time
@@ -32,21 +36,14 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import natgrad
 import natgrad.curvature.model as model_module
 from natgrad.bench import PROBLEMS
-from natgrad.curvature import forward_rules
-from natgrad.curvature.model import FunctionalModel
+from natgrad.curvature.model import FunctionalModel, mark_unstacked, product_kernels
 
 SHIPPED = model_module.ForwardRules
-RULES = {
-    "rules": SHIPPED,
-    "attention": functools.partial(SHIPPED, {F.scaled_dot_product_attention:
-                                             forward_rules.RULES[F.scaled_dot_product_attention]}),
-    "torch": contextlib.nullcontext,
-}
+ROUTES = ("stacked", "rules", "torch")
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -74,13 +71,34 @@ def round_robin(variants: dict[str, Callable[[], object]], rounds: int, reps: in
             for name, (cpu, wall) in samples.items()}
 
 
-def with_rules(rules: str, fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        model_module.ForwardRules = RULES[rules]
+def product(fmodel: FunctionalModel, inputs: tuple, tangents: list, route: str
+            ) -> Callable[[], object]:
+    """One call of the product for k = len(tangents) by ``route``."""
+    if route == "stacked":
+        return lambda: fmodel.jvp_stacked(inputs, tangents)
+
+    def per_tangent() -> object:
+        model_module.ForwardRules = SHIPPED if route == "rules" else contextlib.nullcontext
         try:
-            return fn()
+            return fmodel._jvp_forward(inputs, tangents)
         finally:
             model_module.ForwardRules = SHIPPED
+
+    return per_tangent
+
+
+def vmapped(fmodel: FunctionalModel, inputs: tuple, tangents: list) -> Callable[[], object]:
+    """``torch.func.vmap`` over the k tangents of ``torch.func.jvp`` (one primal)."""
+    params = fmodel.detached_params()
+    stacked = tuple(torch.stack(parts) for parts in zip(*tangents, strict=True))
+
+    def outputs(*values: torch.Tensor) -> torch.Tensor:
+        return fmodel.outputs(values, inputs, frozen_buffers=True)
+
+    def run() -> object:
+        with torch.no_grad(), product_kernels():
+            return torch.func.vmap(lambda *t: torch.func.jvp(outputs, params, t))(*stacked)
+
     return run
 
 
@@ -99,9 +117,9 @@ def jvp_variants(problem) -> dict[str, Callable[[], object]]:
 
     variants = {"forward (no grad)": forward}
     for k in (1, 2, 3):
-        for rules in RULES:
-            variants[f"jvp k={k} {rules}"] = with_rules(
-                rules, lambda k=k: fmodel.jvp((x,), tangents[:k]))
+        for route in ROUTES:
+            variants[f"jvp k={k} {route}"] = product(fmodel, (x,), tangents[:k], route)
+    variants["jvp k=2 vmap"] = vmapped(fmodel, (x,), tangents[:2])
     return variants
 
 
@@ -125,13 +143,20 @@ def hugging_face_variants() -> dict[str, Callable[[], object]]:
     for name, (build, config) in configs.items():
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
-        fmodel = FunctionalModel(build(config),
-                                 layout=CallLayout(0, ("input_ids", "attention_mask")))
+        model = build(config)
+        fmodel = FunctionalModel(model, layout=CallLayout(0, ("input_ids", "attention_mask")))
         tangents = [[torch.randn(p.shape, generator=gen) for p in fmodel.params]
                     for _ in range(2)]
-        for rules in RULES:
-            variants[f"{name} jvp k=2 {rules}"] = with_rules(
-                rules, lambda fmodel=fmodel, tangents=tangents: fmodel.jvp(inputs, tangents))
+
+        def forward(fmodel=fmodel) -> None:
+            with torch.no_grad():
+                fmodel.call(inputs)
+
+        variants[f"{name} forward (no grad)"] = forward
+        for k in (1, 2):
+            for route in ROUTES:
+                variants[f"{name} jvp k={k} {route}"] = product(fmodel, inputs, tangents[:k],
+                                                                route)
     return variants
 
 
@@ -141,13 +166,15 @@ def step_variants(problem, steps: int) -> dict[str, Callable[[], object]]:
     batches = [torch.randint(0, len(data.x_train), (problem.batch_size,), generator=gen)
                for _ in range(steps)]
     variants = {}
-    for name in ("adam", *(f"kfac {rules}" for rules in RULES)):
+    for name in ("adam", "kfac stacked", "kfac rules"):
         torch.manual_seed(0)
         model = problem.build_model()
         if name == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         else:
             opt = natgrad.KFAC(model, loss=problem.loss)
+        if name == "kfac rules":  # the products one tangent at a time
+            mark_unstacked(model, "benchmark: the per-tangent route")
         position = iter(range(10**9))
 
         def step(model=model, opt=opt, position=position) -> None:
@@ -156,7 +183,7 @@ def step_variants(problem, steps: int) -> dict[str, Callable[[], object]]:
             problem.compute_loss(model(data.x_train[idx]), data.y_train[idx]).backward()
             opt.step()
 
-        variants[name] = step if name == "adam" else with_rules(name.split()[1], step)
+        variants[name] = step
     return variants
 
 
@@ -178,10 +205,10 @@ def main() -> None:
         products.update(round_robin(hugging_face_variants(), args.rounds, reps=3))
     print(f"{args.problem} (1 thread, batch {problem.batch_size}): median per call")
     for name, row in {**products, **steps}.items():
-        print(f"  {name:<26} cpu {row['cpu_ms']:7.2f} ms   wall {row['wall_ms']:7.2f} ms")
+        print(f"  {name:<28} cpu {row['cpu_ms']:7.2f} ms   wall {row['wall_ms']:7.2f} ms")
     adam = steps["adam"]
-    for name in (f"kfac {rules}" for rules in RULES):
-        print(f"  {name:<26} {steps[name]['cpu_ms'] / adam['cpu_ms']:5.2f}x Adam (cpu)   "
+    for name in ("kfac stacked", "kfac rules"):
+        print(f"  {name:<28} {steps[name]['cpu_ms'] / adam['cpu_ms']:5.2f}x Adam (cpu)   "
               f"{steps[name]['wall_ms'] / adam['wall_ms']:5.2f}x Adam (wall)")
     print(json.dumps({"problem": args.problem, "products": products, "steps": steps}))
 

@@ -370,8 +370,8 @@ GPTS = {  # vocab, width, heads, layers, length, GELU, biases, padding, training
 
 
 @pytest.mark.parametrize("name", list(GPTS))
-@pytest.mark.parametrize("k", [1, 2])
-def test_random_gpts_take_the_stacked_pass(name, k):
+@pytest.mark.parametrize("k", [2, 3])
+def test_random_gpts_take_the_stacked_pass(name, k, monkeypatch):
     vocab, width, heads, layers, length, approximate, bias, padded, training = GPTS[name]
     torch.manual_seed(len(name))
     model = _GPT(vocab, width, heads, layers, length, approximate, bias).to(DTYPE)
@@ -387,8 +387,10 @@ def test_random_gpts_take_the_stacked_pass(name, k):
         inputs = (tokens, mask)
     fmodel = FunctionalModel(model)
     tangents = _tangents(fmodel.params, k)
+    calls = []
+    monkeypatch.setattr(FunctionalModel, "_jvp_forward", lambda *a: calls.append(1))
     outputs, products = fmodel.jvp(inputs, tangents)
-    assert unstacked_reason(model) is None and not reverse_only(model)
+    assert not calls and unstacked_reason(model) is None and not reverse_only(model)
     assert int(model.calls) == 0  # the buffer the forward counts in place is a copy
     with torch.no_grad():
         assert rel_err(outputs, model(*inputs)) <= RTOL_EXACT
@@ -443,6 +445,20 @@ class _StraightThrough(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(_Straight.apply(3 * self.first(x)))
+
+
+def test_one_tangent_goes_the_forward_mode_route(monkeypatch):
+    """k = 1 shares nothing: one forward-mode pass (cheaper than the stacked pass's set-up)."""
+    torch.manual_seed(0)
+    model = _GPT(7, 8, 2, 1, 5).to(DTYPE).eval()
+    tokens = torch.randint(7, (3, 5), generator=torch.Generator().manual_seed(1))
+    fmodel = FunctionalModel(model)
+    tried = []
+    monkeypatch.setattr(FunctionalModel, "jvp_stacked", lambda *a: tried.append(1))
+    (tangent,) = _tangents(fmodel.params, 1)
+    _, (product,) = fmodel.jvp((tokens,), [tangent])
+    assert not tried and unstacked_reason(model) is None
+    assert rel_err(product, _reference(model, (tokens,), tangent)) <= RTOL_EXACT
 
 
 def test_a_model_the_pass_does_not_take_falls_back_for_good(monkeypatch):

@@ -238,11 +238,13 @@ class FunctionalModel:
     ) -> tuple[Tensor, list[Tensor]]:
         """Outputs at the current parameters and J·t for each tangent t, ``[N, ...]`` each.
 
-        First choice, :meth:`jvp_stacked`: one pass that computes the outputs once and all k
-        tangents together (on the bench's char-gpt and small Hugging Face GPT-2 and Llama,
-        k = 2 costs about 0.7× of the pass per tangent below). A model whose forward calls
-        something that pass does not take (:mod:`natgrad.curvature.stacked`) is switched, for
-        good, to forward-mode AD on the module itself, one pass per tangent, with its
+        For k ≥ 2 tangents, first choice, :meth:`jvp_stacked`: one pass that computes the
+        outputs once and all k tangents together (on the bench's char-gpt and small Hugging
+        Face GPT-2 and Llama, k = 2 costs about 0.7× of the passes per tangent below; for
+        k = 1, with nothing to share, it costs 3-10 % more than the one pass below, which
+        k = 1 takes). A model whose forward calls something the stacked pass does not take
+        (:mod:`natgrad.curvature.stacked`) is switched, for good, to forward-mode AD on the
+        module itself, one pass per tangent, with its
         parameters swapped for dual tensors (cheaper than ``torch.func.jvp`` over
         ``functional_call``); buffers are copies, so running statistics are not touched.
         There, attention and binary operations with a constant operand use natgrad's
@@ -255,7 +257,7 @@ class FunctionalModel:
         """
         if reverse_only(self.model):
             return self.jvp_reverse(inputs, tangents)
-        if stacked_allowed(self.model) and not _stacking_off():
+        if len(tangents) > 1 and stacked_allowed(self.model) and not _stacking_off():
             try:
                 return self.jvp_stacked(inputs, tangents)
             except Exception as error:  # noqa: BLE001 - any failure: the per-tangent pass
