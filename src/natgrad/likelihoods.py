@@ -57,6 +57,20 @@ def _check_outputs(outputs: Tensor) -> None:
         )
 
 
+def _symmetric_gram(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """``[k, k]`` of ⟨leftᵢ, rightⱼ⟩ (sums over all elements) for a symmetric form
+    (⟨leftᵢ, rightⱼ⟩ = ⟨leftⱼ, rightᵢ⟩): the k(k+1)/2 products as dot products of the flat
+    tensors, which neither copy them (an einsum over a stack did, on a language model's
+    logits several times their size) nor lose float32 digits over millions of terms."""
+    k = len(left)
+    flat_left = [t.reshape(-1) for t in left]
+    flat_right = [t.reshape(-1) for t in right]
+    entries = {(i, j): torch.dot(flat_left[i], flat_right[j]) for i in range(k)
+               for j in range(i, k)}
+    return torch.stack([torch.stack([entries[min(i, j), max(i, j)] for j in range(k)])
+                        for i in range(k)])
+
+
 def _check_shape(name: str, value: Tensor, reference_name: str, reference: Tensor) -> None:
     """Raise ValueError unless ``value`` is shaped like ``reference``."""
     if value.shape != reference.shape:
@@ -123,8 +137,8 @@ class Likelihood:
         _check_outputs(outputs)
         for v in vectors:
             _check_shape("vectors", v, "outputs", outputs)
-        stacked = torch.stack(list(vectors)).reshape(len(vectors), -1, outputs.shape[-1])
-        return self._fisher_gram(outputs.detach().reshape(-1, outputs.shape[-1]), stacked)
+        flat = [v.reshape(-1, outputs.shape[-1]) for v in vectors]
+        return self._fisher_gram(outputs.detach().reshape(-1, outputs.shape[-1]), flat)
 
     def kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         """KL(p(·|f_p) ‖ p(·|f_q)) per sample, summed over positions. Returns ``[N]``."""
@@ -190,10 +204,9 @@ class Likelihood:
     def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
-        # outputs [M, K], vectors [k, M, K]; subclasses avoid the k matrix-vector products
-        products = torch.stack([self._fisher_matvec(outputs, v) for v in vectors])
-        return torch.einsum("amk,bmk->ab", vectors, products)
+    def _fisher_gram(self, outputs: Tensor, vectors: list[Tensor]) -> Tensor:
+        # outputs [M, K], vectors k × [M, K]; subclasses avoid the k matrix-vector products
+        return _symmetric_gram([self._fisher_matvec(outputs, v) for v in vectors], vectors)
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         raise NotImplementedError
@@ -263,13 +276,12 @@ class Categorical(Likelihood):
         probs = outputs.softmax(-1)
         return probs * vectors - probs * (probs * vectors).sum(-1, keepdim=True)
 
-    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+    def _fisher_gram(self, outputs: Tensor, vectors: list[Tensor]) -> Tensor:
         # uᵀΛw = Σ p u w − (pᵀu)(pᵀw) per row
         probs = outputs.softmax(-1)
-        weighted = probs * vectors
-        means = weighted.sum(-1)
-        return (torch.einsum("amk,bmk->ab", weighted, vectors)
-                - torch.einsum("am,bm->ab", means, means))
+        weighted = [probs * v for v in vectors]
+        means = torch.stack([w.sum(-1) for w in weighted])  # [k, M]
+        return _symmetric_gram(weighted, vectors) - means @ means.T
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         log_p, log_q = outputs_p.log_softmax(-1), outputs_q.log_softmax(-1)
@@ -315,8 +327,8 @@ class Gaussian(Likelihood):
     def _fisher_matvec(self, outputs: Tensor, vectors: Tensor) -> Tensor:
         return vectors
 
-    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
-        return torch.einsum("amk,bmk->ab", vectors, vectors)
+    def _fisher_gram(self, outputs: Tensor, vectors: list[Tensor]) -> Tensor:
+        return _symmetric_gram(vectors, vectors)
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         return 0.5 * (outputs_p - outputs_q) ** 2
@@ -359,9 +371,10 @@ class Bernoulli(Likelihood):
         probs = outputs.sigmoid()
         return probs * (1 - probs) * vectors
 
-    def _fisher_gram(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+    def _fisher_gram(self, outputs: Tensor, vectors: list[Tensor]) -> Tensor:
         probs = outputs.sigmoid()
-        return torch.einsum("amk,bmk->ab", vectors * (probs * (1 - probs)), vectors)
+        weight = probs * (1 - probs)
+        return _symmetric_gram([v * weight for v in vectors], vectors)
 
     def _kl(self, outputs_p: Tensor, outputs_q: Tensor) -> Tensor:
         prob = outputs_p.sigmoid()

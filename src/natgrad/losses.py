@@ -144,9 +144,10 @@ class LossSpec:
         valid = output_grad.detach().ne(0).any(-1)
         if bool(valid.all()):
             return None
+        zero = ~valid  # the class probabilities of the zero-gradient positions only
         dtype = torch.promote_types(output.dtype, torch.float32)
-        confident = output.detach().to(dtype).softmax(-1).amax(-1)
-        valid |= confident >= 1 - 4 * torch.finfo(output.dtype).eps
+        confident = output.detach()[zero].to(dtype).softmax(-1).amax(-1)
+        valid[zero] = confident >= 1 - 4 * torch.finfo(output.dtype).eps
         return None if bool(valid.all()) else valid
 
     def valid_from_targets(self, outputs: Tensor, targets: Tensor | None) -> Tensor | None:

@@ -175,3 +175,38 @@ def test_huggingface_causal_lms_get_blocks_and_train_with_keyword_calls(build, o
             losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     assert opt.state_dict()["state"]  # natgrad, not a no-op, took the steps
+
+
+def _train_gpt2(steps: int) -> tuple[nn.Module, natgrad.KFAC]:
+    torch.manual_seed(0)
+    model = _gpt2().to(DTYPE)
+    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss())
+    for k in range(steps):
+        opt.zero_grad()
+        model(**_batch(seed=k)).loss.backward()
+        opt.step()
+    return model, opt
+
+
+def test_labels_are_left_out_of_natgrads_own_calls_of_a_causal_lm():
+    """GPT-2's logits do not depend on ``labels``: natgrad's own evaluations (the quadratic
+    model's products, the per-step check) call it without them, so they compute no loss,
+    and the steps are those of calls with them up to rounding (float64; without the loss the
+    products take the stacked-tangent route, with it the per-tangent one)."""
+    from unittest import mock
+
+    from natgrad.layers import capture
+    from natgrad.layers.huggingface import loss_keywords
+
+    assert loss_keywords(_gpt2()) == {"labels"}
+    assert loss_keywords(nn.Linear(2, 2)) == frozenset()
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    assert loss_keywords(t5) == frozenset()  # builds its decoder inputs from labels
+    model, opt = _train_gpt2(3)
+    with mock.patch.object(capture, "loss_keywords", lambda m: frozenset()):
+        reference, ref_opt = _train_gpt2(3)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert rel_err(p, q) <= RTOL_EXACT
+    model(**_batch(seed=9))  # a recorded forward: called again without labels
+    assert opt._capture.records[-1].layout.keywords == ("input_ids", "attention_mask")

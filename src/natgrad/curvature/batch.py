@@ -47,6 +47,8 @@ class StepBatch:
         self.rows = sum(r.batch_size for r in records)
         self._inputs: tuple[Tensor, ...] | None = None
         self._valid_rows: Tensor | None = None
+        self._outputs: Tensor | None = None
+        self._targets: Tensor | None = None
 
     def __bool__(self) -> bool:
         return bool(self.records)
@@ -81,16 +83,24 @@ class StepBatch:
 
     def outputs(self) -> Tensor:
         """The model's outputs of all forwards (detached), ``[N, ...]``, in at least float32
-        (a forward under autocast records half-precision outputs)."""
-        return torch.cat([_wide(r.output) for r in self.records])
+        (a forward under autocast records half-precision outputs); formed once a step (a
+        language model's logits are the step's largest tensors), not to be modified."""
+        if self._outputs is None:
+            parts = [_wide(r.output) for r in self.records]
+            self._outputs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._outputs
 
     def targets(self) -> Tensor:
         """The (soft) targets recovered from the loss's gradient, ``[N, ...]``: per forward
         y = mean(f) − (∂L/∂f) / sₘ, exact for every supported loss (label smoothing
-        included); ignored positions get mean(f) and are masked wherever used."""
-        likelihood = self.spec.likelihood
-        return torch.cat([likelihood.targets_from_grad(_wide(r.output), _wide(r.output_grad), s)
-                          for r, s in zip(self.records, self.scales, strict=True)])
+        included); ignored positions get mean(f) and are masked wherever used. Formed once a
+        step, not to be modified."""
+        if self._targets is None:
+            likelihood = self.spec.likelihood
+            self._targets = torch.cat([
+                likelihood.targets_from_grad(_wide(r.output), _wide(r.output_grad), s)
+                for r, s in zip(self.records, self.scales, strict=True)])
+        return self._targets
 
     def loss_rows(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Σ over each row's valid positions of −log p(y | f), ``[N]`` (canonical units)."""

@@ -27,7 +27,7 @@ from natgrad.layers.attention import (
 from natgrad.layers.base import KroneckerHandler, LayerHandler
 from natgrad.layers.conv import CONV_TYPES, ConvHandler
 from natgrad.layers.embedding import EmbeddingHandler
-from natgrad.layers.huggingface import huggingface_handler
+from natgrad.layers.huggingface import huggingface_handler, loss_keywords
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
 
@@ -212,6 +212,7 @@ class LayerCapture:
         self._in_backward = False
         self._paused = False
         self._trace: list[Tensor] | None = [] if trace else None
+        self._loss_only = loss_keywords(model)  # left out of natgrad's own calls of the model
         # hooks are plain functions that act only for the modules they were registered on:
         # copy.deepcopy(model) copies them by reference (not this capture and its pending
         # forwards), and a copy's forwards are not reported to this capture
@@ -282,7 +283,8 @@ class LayerCapture:
             )
         if not out.requires_grad:
             return
-        inputs, layout = record_call(args, kwargs, out.shape[0])
+        kept = {k: v for k, v in kwargs.items() if k not in self._loss_only}
+        inputs, layout = record_call(args, kept, out.shape[0])
         record = ForwardRecord(inputs, calls, out.shape[0], layout, stats=self.gathering,
                                trace=trace)
         self.records.append(record)

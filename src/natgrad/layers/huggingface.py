@@ -27,7 +27,7 @@ from natgrad.layers.base import LayerHandler
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NormHandler
 
-__all__ = ["Conv1DHandler", "RMSNormHandler", "huggingface_handler"]
+__all__ = ["Conv1DHandler", "RMSNormHandler", "huggingface_handler", "loss_keywords"]
 
 
 def _conv1d_type() -> type | None:
@@ -113,3 +113,23 @@ def huggingface_handler(module: nn.Module) -> type[LayerHandler] | None:
     if _is_plain_rms_norm(module):
         return RMSNormHandler
     return None
+
+
+def loss_keywords(model: nn.Module) -> frozenset[str]:
+    """Keyword arguments of ``model``'s forward that only add a loss to its output.
+
+    A decoder-only or encoder-only Hugging Face model (``PreTrainedModel`` whose config is not
+    encoder-decoder) computes the same logits with or without ``labels``; ``labels`` only
+    adds the loss, a log-softmax over the vocabulary and its forward-mode tangent in every
+    evaluation natgrad makes of the model again (the quadratic model's products, the
+    per-step check). An encoder-decoder model (T5, BART) builds its decoder inputs from
+    ``labels`` when it is given no ``decoder_input_ids``, so nothing is left out there.
+    """
+    module = sys.modules.get("transformers.modeling_utils")
+    base = getattr(module, "PreTrainedModel", None)
+    if base is None or not isinstance(model, base):
+        return frozenset()
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return frozenset()
+    return frozenset({"labels"})
