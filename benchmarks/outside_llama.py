@@ -3,8 +3,9 @@
     python benchmarks/outside_llama.py [--steps 150] [--seeds 0,1,2] [--hparams JSON]
 
 A tiny ``LlamaForCausalLM`` built from a config (hidden 64, 2 layers, grouped-query attention,
-RMSNorm, rotary embeddings, SDPA, untied head; 97 characters) on standard-library files that
-the bench's char-gpt does not use (inspect.py, typing.py, dataclasses.py), 64-character
+RMSNorm, rotary embeddings, SDPA, untied head; 97 characters) on standard-library files
+(inspect.py and typing.py, which the bench's char-gpt does not use, and dataclasses.py, which
+it does), 64-character
 windows, a held-out fifth; the loss Llama computes from ``labels``. ``natgrad.KFAC`` with only
 ``loss=nn.CrossEntropyLoss()`` against AdamW (lr 3e-3), batch 16, one thread. Printed per
 seed: held-out loss after the budget and the wall-clock seconds of the training loop.

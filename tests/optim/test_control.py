@@ -390,8 +390,8 @@ def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
 @pytest.mark.parametrize("initial", [1e-2, 900.0])
 def test_a_second_rejection_in_a_row_doubles_the_damping(monkeypatch, initial):
     """ρ < 0 at δ and at tδ on every step: parameters unchanged; the first rejection raises λ
-    by Levenberg–Marquardt's 1/ω alone, the next ones by 2/ω (up to max_damping); an
-    accepted step resets the count."""
+    by Levenberg–Marquardt's 1/ω alone, the next ones by 2/ω (up to max_damping); a step
+    whose loss went down resets the count."""
     from natgrad.optim.control import QuadraticControl
 
     x, y = _digits(64)
@@ -414,22 +414,66 @@ def test_a_second_rejection_in_a_row_doubles_the_damping(monkeypatch, initial):
 
     step()
     assert state["rejected_steps"] == 1 and state.get("backtracked_steps", 0) == 0
-    assert state["rejected_in_a_row"] == 1
+    assert state["failed_in_a_row"] == 1
     assert all(torch.equal(p0, p) for p0, p in zip(before, model.parameters(), strict=True))
     first = raised(initial)
     assert state["damping"] == pytest.approx(first, rel=1e-12)
     step()
-    assert state["rejected_steps"] == 2 and state["rejected_in_a_row"] == 2
+    assert state["rejected_steps"] == 2 and state["failed_in_a_row"] == 2
     second = min(settings.reject_factor * raised(first), settings.max_damping)
     assert settings.reject_factor == 2.0
     assert state["damping"] == pytest.approx(second, rel=1e-12)
     rho[0] = 0.5  # accepted, λ unchanged by LM
     step()
-    assert state["rejected_steps"] == 2 and state["rejected_in_a_row"] == 0
+    assert state["rejected_steps"] == 2 and state["failed_in_a_row"] == 0
     assert state["damping"] == pytest.approx(second, rel=1e-12)
     rho[0] = -3.0  # a lone rejection again: 1/ω only
     step()
     assert state["damping"] == pytest.approx(raised(second), rel=1e-12)
+
+
+def test_a_second_backtrack_in_a_row_doubles_the_damping(monkeypatch):
+    """The loss of the batch went up (ρ < 0) on consecutive steps whose backtracked step is
+    then taken (ρ ≥ 0 at tδ): the first raises λ by 1/ω alone, the next ones by 2/ω, as
+    rejections do; a step whose loss went down resets the count (a word-level GPT-2 starts
+    with such steps one after another: with 1/ω alone λ crept up 5 % a step)."""
+    from natgrad.optim.control import QuadraticControl
+
+    x, y = _digits(64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    ratios = []  # ρ of each evaluation: at δ, then at tδ when it backtracks
+    monkeypatch.setattr(QuadraticControl, "reduction_ratio",
+                        lambda *args, **kwargs: ratios.pop(0))
+    opt = natgrad.KFAC(model, initial_damping=1e-2)
+    settings, state = opt.auto, opt.state["natgrad"]
+
+    def step(*rhos: float) -> None:
+        ratios.extend(rhos)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert not ratios  # every ρ given was used
+
+    def raised(damping: float, rho: float = -3.0) -> float:
+        return lm_update(damping, rho, settings.omega, settings.min_damping,
+                         settings.max_damping)
+
+    step(-3.0, 0.5)
+    assert state["backtracked_steps"] == 1 and state["failed_in_a_row"] == 1
+    first = raised(1e-2)
+    assert state["damping"] == pytest.approx(first, rel=1e-12)
+    step(-3.0, 0.5)
+    assert state["backtracked_steps"] == 2 and state["failed_in_a_row"] == 2
+    second = settings.reject_factor * raised(first)
+    assert state["damping"] == pytest.approx(second, rel=1e-12)
+    step(-3.0, -1.0)  # rejected after a backtrack: doubled as well
+    assert state["rejected_steps"] == 1 and state["failed_in_a_row"] == 3
+    third = settings.reject_factor * raised(second)
+    assert state["damping"] == pytest.approx(third, rel=1e-12)
+    step(0.5)
+    assert state["failed_in_a_row"] == 0
+    assert state["damping"] == pytest.approx(raised(third, 0.5), rel=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1 << 24, 10, 1])

@@ -388,7 +388,7 @@ class CurvatureOptimizer(Optimizer):
             damping=self.damping_of(first),
             weight_decay=0.0 if decoupled else first.get("weight_decay", 0.0),
             step=self.global_state["step"],
-            rejected_in_a_row=self.global_state.get("rejected_in_a_row", 0),
+            failed_in_a_row=self.global_state.get("failed_in_a_row", 0),
             paused=partial(self._own_forwards, params),
             kl_clip=self.kl_clip,
             quadratic=quadratic if self.kl_clip is not None else None,

@@ -15,8 +15,9 @@ and only the source of the coefficients differs:
   (:class:`natgrad.optim.control.QuadraticControl`), each group's ``lr`` multiplying the
   chosen step (LR schedulers still act); with ``damping="auto"`` the step is checked on its
   batch (ρ), retried once at a fraction of its length if the batch's loss went up, and
-  rejected if that fails too (Levenberg–Marquardt adapts λ either way, and a rejection
-  that follows a rejection multiplies it by ``reject_factor`` besides).
+  rejected if that fails too (Levenberg–Marquardt adapts λ either way, and a step whose
+  loss went up right after one whose loss went up multiplies it by ``reject_factor``
+  besides).
 
 :func:`decide` returns a :class:`Decision`; the optimizer applies it and keeps the step's
 curvature only if it is accepted.
@@ -59,7 +60,8 @@ class StepProblem:
         shrink: s per parameter (decoupled weight decay), 1.0 without.
         damping: λ in force; weight_decay: the L2 penalty η of the quadratic model.
         step: the optimizer's step count (Levenberg–Marquardt runs every ``lm_every``).
-        rejected_in_a_row: how many steps just before this one were rejected.
+        failed_in_a_row: how many steps just before this one raised their batch's loss
+            (ρ < 0: backtracked or rejected).
         kl_clip: KL-clipping bound for fixed lr (None: off); quadratic: v ↦ vᵀF̃v for it.
         paused: a context in which the model's forwards are not captured.
     """
@@ -81,7 +83,7 @@ class StepProblem:
     kl_clip: float | None = None
     quadratic: Callable[[dict[Tensor, Tensor]], float] | None = None
     values: list[Tensor] | None = None
-    rejected_in_a_row: int = 0
+    failed_in_a_row: int = 0
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Decision:
     """The update δ per parameter, whether it is taken, and what to record.
 
     ``info`` holds ``lr`` and ``momentum`` (the coefficients a, m applied to −Δ and δ₀, first
-    group's), with automatic settings ``rejected_in_a_row`` (this step's count, for the next
+    group's), with automatic settings ``failed_in_a_row`` (this step's count, for the next
     step), and with automatic damping ``rho`` and the new ``damping``; ``counter`` names
     the counter to increment (``"backtracked_steps"``, ``"rejected_steps"``) or is None.
     """
@@ -133,7 +135,7 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     if settings.lr and not uniform:  # each group's lr multiplies the chosen step
         update = [u * lr for u, lr in zip(update, lrs, strict=True)]
     decision = Decision(update, info={"lr": info["lr"], "momentum": info["momentum"],
-                                      "rejected_in_a_row": 0})
+                                      "failed_in_a_row": 0})
     if not (settings.damping and problem.step % settings.lm_every == 0):
         return decision
 
@@ -145,6 +147,10 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     ))
     if rho >= 0:
         return decision
+    decision.info["failed_in_a_row"] = problem.failed_in_a_row + 1
+    if problem.failed_in_a_row:  # the loss went up again: λ is far too small
+        decision.info["damping"] = min(decision.info["damping"] * settings.reject_factor,
+                                       settings.max_damping)
     t = backtrack_fraction(info["slope"], predicted, rho * predicted)
     if t is not None:
         update = [u * t for u in update]
@@ -154,10 +160,6 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
             decision.update, decision.counter = update, "backtracked_steps"
             return decision
     decision.accepted, decision.counter = False, "rejected_steps"
-    decision.info["rejected_in_a_row"] = problem.rejected_in_a_row + 1
-    if problem.rejected_in_a_row:  # rejected again: λ is far too small
-        decision.info["damping"] = min(decision.info["damping"] * settings.reject_factor,
-                                       settings.max_damping)
     return decision
 
 
