@@ -64,8 +64,6 @@ _PROPERTIES = frozenset({
     "is_sparse", "is_quantized", "is_nested", "requires_grad", "names", "itemsize",
     "nbytes", "grad_fn", "is_leaf", "grad",
 })
-
-
 _PLAIN = (Tensor, nn.Parameter)
 
 
@@ -206,8 +204,8 @@ class _Watch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.mode._scan(args) & 1 or (kwargs and self.mode._scan(kwargs.values()) & 1):
-            raise self.mode.refuse(f"{func} reached the dispatcher outside torch functions "
-                              "(TorchScript, a C++ extension)")
+            raise self.mode.refuse(f"{func} reached the dispatcher outside torch "
+                                   "functions (TorchScript, a C++ extension)")
         return func(*args, **kwargs)
 
 

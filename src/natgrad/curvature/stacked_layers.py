@@ -2,11 +2,11 @@
 the layers' functions (linear maps, embeddings, norms, softmax, activations, dropout,
 attention). Conventions as in :mod:`natgrad.curvature.stacked_rules`.
 
-Measured on the bench's char-gpt (one thread, k = 2, in the pass): a linear layer costs
-about 4.3× its forward (ẋ Wᵀ for the k·M rows and x Ẇᵀ are each two forward's worth of
-products), attention about 4×, a LayerNorm about 5× (its tangent takes eight elementwise
-passes; PyTorch's fused ``native_layer_norm_backward`` for the normalisation's part was
-within noise of it, so the formula is written out).
+Measured on the bench's char-gpt (one thread, k = 2, timed inside the pass): a linear
+layer's tangents cost about 4× its forward (ẋ Wᵀ for the k·M rows and x Ẇᵀ are each two
+forwards' worth of products), attention's about 2.6×, a LayerNorm's about 5× (eight
+elementwise passes; PyTorch's fused ``native_layer_norm_backward`` for the normalisation's
+part was within noise of it, so the formula is written out).
 """
 
 from __future__ import annotations
