@@ -172,21 +172,18 @@ class StackedTangents(TorchFunctionMode):
             raise self.refuse(f"{call_name(func)} inside a torch.func transform")
         if not found & 1:
             return func(*args, **kwargs)
-        name = call_name(func)
         if not torch._C._is_fwd_grad_enabled():
-            raise self.refuse(f"{name} inside a custom autograd.Function (or with forward "
-                              "AD disabled)")
+            raise self.refuse(f"{call_name(func)} inside a custom autograd.Function (or with "
+                              "forward AD disabled)")
         rule = RULES.get(func)
         if rule is None:
+            name = call_name(func)
             if name in (_PROPERTIES if getattr(func, "__name__", "") == "__get__" else _QUERIES):
                 return func(*args, **kwargs)
             raise self.refuse(f"no stacked rule for {name}")
-        if found & 2:
-            raise self.refuse(f"{name} on a tensor subclass")
-        if "out" in kwargs:
-            raise self.refuse(f"{name} with out=")
-        if torch._C._is_any_autocast_enabled():
-            raise self.refuse(f"{name} under autocast")
+        if found & 2 or "out" in kwargs or torch._C._is_any_autocast_enabled():
+            why = "a tensor subclass" if found & 2 else "out=" if "out" in kwargs else "autocast"
+            raise self.refuse(f"{call_name(func)} with {why}")
         return rule(self, func, args, kwargs)
 
 
