@@ -22,15 +22,14 @@ import collections
 import json
 import re
 import sysconfig
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
+from outside_llama import table  # the same loop, table and optimizers
 from torch import nn
-
-import natgrad
 
 FILES = ("inspect.py", "typing.py", "enum.py", "tarfile.py", "subprocess.py", "ast.py",
          "optparse.py", "pydoc.py", "mailbox.py", "smtplib.py")  # none of them in char-gpt's
@@ -52,25 +51,13 @@ def windows(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[perm[: n * 4 // 5]], rows[perm[n * 4 // 5:]][:256]
 
 
-def run(name: str, seed: int, steps: int, vocab: int, train: torch.Tensor,
-        test: torch.Tensor, hparams: dict) -> tuple[float, float]:
+def gpt2(seed: int, vocab: int) -> nn.Module:
+    """The tiny GPT-2 with a ``vocab``-token vocabulary, initialised from ``seed``."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
                                      n_positions=LENGTH, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(config)
-    opt = (natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), **hparams) if name == "kfac"
-           else torch.optim.AdamW(model.parameters(), lr=3e-3))
-    generator = torch.Generator().manual_seed(seed)
-    begin = time.perf_counter()
-    for _ in range(steps):
-        batch = train[torch.randint(0, len(train), (BATCH,), generator=generator)]
-        opt.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - begin
-    with torch.no_grad():
-        return model(input_ids=test, labels=test).loss.item(), seconds
+    return transformers.GPT2LMHeadModel(config)
 
 
 def main() -> None:
@@ -86,12 +73,8 @@ def main() -> None:
     torch.set_num_threads(1)
     train, test = windows(args.vocab)
     print(f"vocabulary {args.vocab}, {len(train)} training windows of {LENGTH} tokens")
-    print("| seed | optimizer | held-out loss | seconds |")
-    print("|---|---|---|---|")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for name in ("adamw", "kfac"):
-            loss, seconds = run(name, seed, args.steps, args.vocab, train, test, args.hparams)
-            print(f"| {seed} | {name} | {loss:.3f} | {seconds:.1f} |", flush=True)
+    table(partial(gpt2, vocab=args.vocab), args.seeds, args.steps, train, test, args.hparams,
+          BATCH)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import json
 import sysconfig
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,27 +45,47 @@ def windows() -> tuple[torch.Tensor, torch.Tensor]:
     return rows[perm[: n * 4 // 5]], rows[perm[n * 4 // 5 :]][:256]
 
 
-def run(name: str, seed: int, steps: int, train: torch.Tensor, test: torch.Tensor,
-        hparams: dict):
+def llama(seed: int) -> nn.Module:
+    """The tiny Llama, initialised from ``seed``."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=len(CHARS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
-    model = transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config)
+
+
+def run(model: nn.Module, name: str, seed: int, steps: int, train: torch.Tensor,
+        test: torch.Tensor, hparams: dict, batch_size: int = 16) -> tuple[float, float]:
+    """Train a Hugging Face causal LM with ``name`` ("kfac": natgrad's defaults plus
+    ``hparams``; else AdamW, lr 3e-3) on batches of ``train`` windows drawn from ``seed``, with
+    the loss it computes from ``labels``; returns the held-out loss on ``test`` and the
+    training loop's seconds."""
     opt = (natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), **hparams) if name == "kfac"
            else torch.optim.AdamW(model.parameters(), lr=3e-3))
     generator = torch.Generator().manual_seed(seed)
     begin = time.perf_counter()
     for _ in range(steps):
-        batch = train[torch.randint(0, len(train), (16,), generator=generator)]
+        batch = train[torch.randint(0, len(train), (batch_size,), generator=generator)]
         opt.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
     seconds = time.perf_counter() - begin
     with torch.no_grad():
         return model(input_ids=test, labels=test).loss.item(), seconds
+
+
+def table(build: Callable[[int], nn.Module], seeds: str, steps: int, train: torch.Tensor,
+          test: torch.Tensor, hparams: dict, batch_size: int = 16) -> None:
+    """Print held-out loss and seconds of AdamW and natgrad's KFAC for every seed."""
+    print("| seed | optimizer | held-out loss | seconds |")
+    print("|---|---|---|---|")
+    for seed in (int(s) for s in seeds.split(",")):
+        for name in ("adamw", "kfac"):
+            loss, seconds = run(build(seed), name, seed, steps, train, test, hparams,
+                                batch_size)
+            print(f"| {seed} | {name} | {loss:.3f} | {seconds:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -78,12 +99,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
     train, test = windows()
-    print("| seed | optimizer | held-out loss | seconds |")
-    print("|---|---|---|---|")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for name in ("adamw", "kfac"):
-            loss, seconds = run(name, seed, args.steps, train, test, args.hparams)
-            print(f"| {seed} | {name} | {loss:.3f} | {seconds:.1f} |", flush=True)
+    table(llama, args.seeds, args.steps, train, test, args.hparams)
 
 
 if __name__ == "__main__":

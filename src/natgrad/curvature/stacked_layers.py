@@ -134,14 +134,21 @@ def _layer_norm(mode, func, args, kwargs):
         tangent = tangent.mul_(rstd)
         if weight is not None:
             tangent = tangent.mul_(weight)
-    dw = None if weight is None else mode.tangent(weight)
-    if dw is not None:
-        tangent = normalized * lift(dw, x.dim()) if tangent is None else tangent.addcmul_(
-            normalized, lift(dw, x.dim()))
+    tangent = _weight_tangent(mode, tangent, normalized, weight)
     db = None if bias is None else mode.tangent(bias)
     if db is not None:
         tangent = lift(db, x.dim()) if tangent is None else tangent.add_(lift(db, x.dim()))
     return tag(mode, out, tangent)
+
+
+def _weight_tangent(mode, tangent, normalized, weight):
+    """``tangent`` plus x̂ ⊙ ẇ, the elementwise weight's part of a normalisation's tangent
+    (``tangent`` updated in place; None when neither part has a tangent)."""
+    dw = None if weight is None else mode.tangent(weight)
+    if dw is None:
+        return tangent
+    dw = lift(dw, normalized.dim())
+    return normalized * dw if tangent is None else tangent.addcmul_(normalized, dw)
 
 
 def _rms_norm(mode, func, args, kwargs):
@@ -163,10 +170,7 @@ def _rms_norm(mode, func, args, kwargs):
         tangent = (dx - normalized * (normalized * dx).mean(dims, keepdim=True)).mul_(rstd)
         if weight is not None:
             tangent = tangent.mul_(weight)
-    dw = None if weight is None else mode.tangent(weight)
-    if dw is not None:
-        tangent = normalized * lift(dw, x.dim()) if tangent is None else tangent.addcmul_(
-            normalized, lift(dw, x.dim()))
+    tangent = _weight_tangent(mode, tangent, normalized, weight)
     return tag(mode, out, tangent)
 
 
