@@ -17,18 +17,15 @@ training loop's seconds. Needs the ``integrations`` extra (transformers).
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import re
 import sysconfig
-import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
-from outside_llama import table  # the same loop, table and optimizers
+from outside_llama import arguments, quiet_single_thread, table  # the same loop and table
 from torch import nn
 
 FILES = ("inspect.py", "typing.py", "enum.py", "tarfile.py", "subprocess.py", "ast.py",
@@ -61,16 +58,10 @@ def gpt2(seed: int, vocab: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = arguments(__doc__, 100)
     parser.add_argument("--vocab", type=int, default=10000)
-    parser.add_argument("--hparams", default="{}", type=json.loads,
-                        help="natgrad.KFAC arguments on top of the defaults (JSON)")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
+    quiet_single_thread()
     train, test = windows(args.vocab)
     print(f"vocabulary {args.vocab}, {len(train)} training windows of {LENGTH} tokens")
     table(partial(gpt2, vocab=args.vocab), args.seeds, args.steps, train, test, args.hparams,

@@ -88,16 +88,26 @@ def table(build: Callable[[int], nn.Module], seeds: str, steps: int, train: torc
             print(f"| {seed} | {name} | {loss:.3f} | {seconds:.1f} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+def arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The outside benchmarks' options: ``--steps``, ``--seeds``, ``--hparams``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--hparams", default="{}", type=json.loads,
                         help="natgrad.KFAC arguments on top of the defaults (JSON)")
-    args = parser.parse_args()
+    return parser
+
+
+def quiet_single_thread() -> None:
+    """No warnings, no transformers logging, one thread (the benchmarks' setting)."""
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
+
+
+def main() -> None:
+    args = arguments(__doc__, 150).parse_args()
+    quiet_single_thread()
     train, test = windows()
     table(llama, args.seeds, args.steps, train, test, args.hparams)
 
