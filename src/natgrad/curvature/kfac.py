@@ -184,12 +184,12 @@ def damped_inverse(
     dtype = matrix.dtype if dtype is None else dtype
     if matrix.dim() == 1:
         return (1.0 / (matrix.clamp_min(0) + damping)).to(dtype)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     if method == "cholesky":
-        attempts = [(matrix, damping), (matrix.double(), damping)]
-        attempts += [(matrix.double(), damping * s) for s in (10.0, 100.0)]
-        for mat, damp in attempts:  # (a batch of groups: every one must succeed)
-            chol, info = torch.linalg.cholesky_ex(mat + damp * eye.to(mat.dtype))
+        for double, scale in ((False, 1.0), (True, 1.0), (True, 10.0), (True, 100.0)):
+            mat = matrix.double() if double else matrix  # the retries only when needed
+            shifted = mat.clone()  # (a batch of groups: every one must succeed)
+            shifted.diagonal(0, -2, -1).add_(damping * scale)
+            chol, info = torch.linalg.cholesky_ex(shifted)
             if bool((info == 0).all()):
                 inverse = torch.cholesky_inverse(chol)
                 if bool(torch.isfinite(inverse.sum())):  # a NaN or inf entry spoils the sum
