@@ -387,6 +387,57 @@ def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
     assert ratios[1] == pytest.approx(t * slope + t * t * (predicted - slope), rel=1e-12)
 
 
+def test_a_failed_retry_is_retried_from_its_own_parabola(monkeypatch):
+    """ρ < 0 at δ and at t₁δ: the next try is at t₂ = backtrack_fraction of the parabola
+    through J(θ), the slope and the change measured at t₁δ (all scaled to t₁δ), so the step
+    taken is t₁t₂δ; after ``backtracks`` failed tries the step is rejected, with exactly
+    1 + ``backtracks`` evaluations of the batch's loss."""
+    from natgrad.optim.control import QuadraticControl
+
+    x, y = _digits(64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    given, predictions, proposals = [-3.0, -2.0, 0.5], [], []
+    original_updates = QuadraticControl.updates
+
+    def scripted(self, fmodel, batch, predicted, penalty_change=0.0):
+        predictions.append(predicted)
+        return given.pop(0)
+
+    def spy(self, *args, **kwargs):
+        result = original_updates(self, *args, **kwargs)
+        proposals.append(result)
+        return result
+
+    monkeypatch.setattr(QuadraticControl, "reduction_ratio", scripted)
+    monkeypatch.setattr(QuadraticControl, "updates", spy)
+    opt = natgrad.KFAC(model)
+    assert opt.auto.backtracks == 3
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = opt.state["natgrad"]
+    assert not given and state["backtracked_steps"] == 1
+    (update, info), = proposals
+    predicted, slope = info["predicted_change"], info["slope"]
+    t1 = backtrack_fraction(slope, predicted, -3.0 * predicted)
+    at_1 = t1 * slope + t1 * t1 * (predicted - slope)
+    t2 = backtrack_fraction(t1 * slope, at_1, -2.0 * at_1)
+    at_2 = t2 * t1 * slope + t2 * t2 * (at_1 - t1 * slope)
+    assert predictions == pytest.approx([predicted, at_1, at_2], rel=1e-12)
+    for p0, p, delta in zip(before, model.parameters(), update, strict=True):
+        assert torch.allclose(p.detach() - p0, t1 * t2 * delta, rtol=1e-4, atol=1e-7)
+
+    given.extend([-3.0] * 4)  # the step and its three tries fail: rejected
+    kept = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not given and state["rejected_steps"] == 1 and len(predictions) == 3 + 4
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("initial", [1e-2, 900.0])
 def test_a_second_rejection_in_a_row_doubles_the_damping(monkeypatch, initial):
     """ρ < 0 at δ and at tδ on every step: parameters unchanged; the first rejection raises λ
@@ -467,7 +518,7 @@ def test_a_second_backtrack_in_a_row_doubles_the_damping(monkeypatch):
     assert state["backtracked_steps"] == 2 and state["failed_in_a_row"] == 2
     second = settings.reject_factor * raised(first)
     assert state["damping"] == pytest.approx(second, rel=1e-12)
-    step(-3.0, -1.0)  # rejected after a backtrack: doubled as well
+    step(-3.0, -1.0, -1.0, -1.0)  # every try failed: rejected after a backtrack, doubled
     assert state["rejected_steps"] == 1 and state["failed_in_a_row"] == 3
     third = settings.reject_factor * raised(second)
     assert state["damping"] == pytest.approx(third, rel=1e-12)

@@ -119,13 +119,14 @@ class KFAC(CurvatureOptimizer):
         lm_every, min_damping, initial_damping: Levenberg–Marquardt settings for
             ``damping="auto"``: steps between adjustments, floor, starting value. Each
             adjustment measures ρ on the step's batch (one extra forward); a step with
-            ρ < 0 (the loss of the batch it was fitted to went up) is retried once at the
-            minimum of the parabola through the loss, its slope and the measured loss
-            (``state["natgrad"]["backtracked_steps"]``), else not taken: parameters
-            unchanged, momentum restarted, λ doubled if the step before was rejected too
-            (``["rejected_steps"]``). Checking every step (the default) is what keeps a
-            rare bad step from undoing a run. The start 1e-4 (with the averaged first
-            statistics and ``curvature_warmup``): ``benchmarks/robustness.py`` seeds 0–2
+            ρ < 0 (the loss of the batch it was fitted to went up) is retried at the
+            minimum of the parabola through the loss, its slope and the measured loss, up
+            to 3 times (``state["natgrad"]["backtracked_steps"]``), else not taken:
+            parameters unchanged, momentum restarted (``["rejected_steps"]``); λ is doubled
+            when the step before also raised its batch's loss. Checking every step (the
+            default) is what keeps a rare bad step from undoing a run. The start 1e-4
+            (with the averaged first statistics and ``curvature_warmup``):
+            ``benchmarks/robustness.py`` seeds 0–2
             take 1240 steps to target on the five non-LM bench problems against 1870 from
             1e-2 (regression 150/160/170 → 50/60/60), seeds 3–5 none diverged; char-gpt
             180/170/240 against 180/170/190; ``benchmarks/outside_llama.py`` held-out loss

@@ -14,7 +14,8 @@ and only the source of the coefficients differs:
 * automatic settings: the free ones of (a, m) minimise the quadratic model of the batch
   (:class:`natgrad.optim.control.QuadraticControl`), each group's ``lr`` multiplying the
   chosen step (LR schedulers still act); with ``damping="auto"`` the step is checked on its
-  batch (ρ), retried once at a fraction of its length if the batch's loss went up, and
+  batch (ρ), retried at a fraction of its length if the batch's loss went up (up to
+  ``backtracks`` times, each at the minimum of the parabola through the last try), and
   rejected if that fails too (Levenberg–Marquardt adapts λ either way, and a step whose
   loss went up right after one whose loss went up multiplies it by ``reject_factor``
   besides).
@@ -139,7 +140,7 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     if not (settings.damping and problem.step % settings.lm_every == 0):
         return decision
 
-    # Levenberg–Marquardt: ρ on the step's own batch; a step that raised it is retried once
+    # Levenberg–Marquardt: ρ on the step's own batch; a step that raised it is retried
     predicted = info["predicted_change"]
     rho = _reduction_ratio(control, problem, update, predicted)
     decision.info.update(rho=rho, damping=lm_update(
@@ -151,14 +152,19 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     if problem.failed_in_a_row:  # the loss went up again: λ is far too small
         decision.info["damping"] = min(decision.info["damping"] * settings.reject_factor,
                                        settings.max_damping)
-    t = backtrack_fraction(info["slope"], predicted, rho * predicted)
-    if t is not None:
+    slope, change = info["slope"], rho * predicted
+    for _ in range(settings.backtracks):  # each try: one forward; a rejection: a whole step
+        t = backtrack_fraction(slope, predicted, change)
+        if t is None:
+            break
         update = [u * t for u in update]
         # the undamped model at tδ: t·slope + t²·(its quadratic part at δ)
-        at_t = t * info["slope"] + t * t * (predicted - info["slope"])
-        if _reduction_ratio(control, problem, update, at_t) >= 0:
+        at_t = t * slope + t * t * (predicted - slope)
+        rho_t = _reduction_ratio(control, problem, update, at_t)
+        if rho_t >= 0:
             decision.update, decision.counter = update, "backtracked_steps"
             return decision
+        slope, predicted, change = t * slope, at_t, rho_t * at_t  # the tried step's
     decision.accepted, decision.counter = False, "rejected_steps"
     return decision
 
