@@ -1,7 +1,7 @@
 """Median and mean step time of KFAC and EKFAC as a ratio to Adam's, measured in one run.
 
     python benchmarks/step_time.py [--threads 1] [--steps 200] [--problems digits-mlp,...]
-                                   [--variant NAME=JSON ...]
+                                   [--variant NAME=JSON ...] [--phases]
 
 For each problem, every configuration trains the same model on the same minibatches; the
 configurations take turns (round-robin, one block of steps each) so that machine noise hits
@@ -14,6 +14,13 @@ work (statistics, inversions, the quadratic model). Configurations:
   5 steps, inverses every 10);
 * ``--variant NAME=JSON`` (repeatable): ``natgrad.KFAC`` with the JSON's arguments, e.g.
   ``--variant rows8='{"curvature_rows": 8}'``.
+
+``--phases`` then times where natgrad's default KFAC step goes, one run per problem after the
+ratios (CPU time per step, mean over the steps after the first 20, ``time.process_time``
+around natgrad's functions): the forward and backward (with natgrad's hooks and the
+sampled-label backward of statistics steps), statistics, inverses (refreshes), the
+preconditioning, the quadratic model's Jacobian-vector products, the rest of the quadratic
+model, the check of the step (ρ: a forward per try) and everything else in ``opt.step()``.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ import json
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 import natgrad
 from natgrad.bench import PROBLEMS
+from natgrad.optim import control, kronecker, step
 
 CONFIGS = {
     "adam": lambda model, loss: torch.optim.Adam(model.parameters(), lr=3e-3),
@@ -74,6 +84,70 @@ def time_problem(name: str, steps: int, block: int) -> dict[str, tuple[float, fl
             for config, (_, _, times) in runs.items()}
 
 
+# phase name -> (owner, attribute): the functions whose CPU time --phases adds up; a phase
+# running inside another (products inside the quadratic model) is subtracted from it
+PHASES = {
+    "statistics": (kronecker.KroneckerPreconditioner, "_gather_statistics"),
+    "inverses": (kronecker.KroneckerPreconditioner, "_refresh"),
+    "preconditioning": (kronecker.KroneckerPreconditioner, "apply"),
+    "quadratic model": (control.QuadraticControl, "updates"),
+    "J·t products": (control, "_jvps"),
+    "check (ρ)": (step, "_reduction_ratio"),
+}
+
+
+@contextmanager
+def timed_phases(totals: dict[str, float]) -> Iterator[None]:
+    """Wrap each of :data:`PHASES` so that its CPU time adds to ``totals[name]``."""
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in PHASES.items()}
+
+    def wrapper(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begin = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.process_time() - begin
+        return timed
+
+    try:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owner, attr, wrapper(name, originals[name]))
+        yield
+    finally:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owner, attr, originals[name])
+
+
+def phase_times(name: str, steps: int, skip: int = 20) -> dict[str, float]:
+    """ms per step of natgrad's default KFAC on ``name`` in each phase (see module doc)."""
+    problem = PROBLEMS[name]
+    data = problem.load(0)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = problem.build_model()
+    opt = natgrad.KFAC(model, loss=problem.loss)
+    totals: dict[str, float] = {}
+    for i in range(skip + steps):
+        if i == skip:
+            totals.clear()
+        idx = torch.randint(0, len(data.x_train), (problem.batch_size,), generator=gen)
+        x, y = data.x_train[idx], data.y_train[idx]
+        with timed_phases(totals):
+            begin = time.process_time()
+            opt.zero_grad()
+            problem.compute_loss(model(x), y).backward()
+            middle = time.process_time()
+            opt.step()
+            end = time.process_time()
+        totals["forward+backward"] = totals.get("forward+backward", 0.0) + middle - begin
+        totals["step"] = totals.get("step", 0.0) + end - middle
+    totals["quadratic model"] -= totals.get("J·t products", 0.0)  # nested in it
+    inside = sum(v for k, v in totals.items() if k not in ("forward+backward", "step"))
+    totals["other"] = totals.pop("step") - inside
+    return {k: v * 1000 / steps for k, v in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -82,6 +156,8 @@ def main() -> None:
     parser.add_argument("--problems", default="digits-mlp,digits-autoencoder")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON: also time natgrad.KFAC with these arguments")
+    parser.add_argument("--phases", action="store_true",
+                        help="also break natgrad's default KFAC step into phases")
     args = parser.parse_args()
     for spec in args.variant:
         name, _, hparams = spec.partition("=")
@@ -100,6 +176,18 @@ def main() -> None:
                              "mean_ms": a * 1000, "mean_x_adam": a / adam_mean}
                          for c, (m, a) in medians.items()}
     print(json.dumps(summary))
+    if args.phases:
+        names = args.problems.split(",")
+        phases = {name: phase_times(name, args.steps) for name in names}
+        order = ["forward+backward", *PHASES, "other"]
+        print("KFAC default, CPU ms per step by phase (after 20 steps):")
+        print("| phase | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for phase in order:
+            print(f"| {phase} | " + " | ".join(f"{phases[n].get(phase, 0.0):.2f}"
+                                              for n in names) + " |")
+        totals = {n: sum(phases[n].values()) for n in names}
+        print("| total | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":
