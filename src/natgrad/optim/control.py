@@ -221,7 +221,11 @@ def row_stride(rows: int | str | None, records: list[ForwardRecord], model: nn.M
     (K = 10) or scalar regression, a quarter of a 256-batch for a 784-pixel autoencoder, where
     the forward-mode pass dominates the step. Models whose examples interact in the forward
     (BatchNorm in training mode) always use every row. An int asks for about that many rows;
-    None for all of them.
+    None for all of them. Fewer rows for classifiers cost steps (``benchmarks/robustness.py``,
+    seeds 0–2: digits MLP 150/160/190 steps with 64 of 256 rows, 140/140/190 with 128,
+    against 110/120/110), and so does checking the step (ρ) on the subset too, with the
+    subset's own linear term from the products (digits MLP 870/920/390 with 126/125/61
+    rejected steps; the MNIST autoencoder 20/30/40 against 20/20/40).
     """
     batch = sum(r.batch_size for r in records)
     if rows is None or batch <= 1:

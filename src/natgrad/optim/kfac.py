@@ -104,7 +104,15 @@ class KFAC(CurvatureOptimizer):
             the inverses every step (the curvature changes fastest there; 0: off). With the
             default 20, ``benchmarks/robustness.py`` (seeds 0–2) takes 8 % fewer steps to
             target in all than with 0 (MNIST autoencoder 50/30/80 → 20/20/50), no problem
-            more than +20; EKFAC reaches char-gpt's target (seed 0, 270 steps).
+            more than +20; EKFAC reaches char-gpt's target (seed 0, 270 steps). A warm-up
+            step costs about twice a later one (EKFAC's three to four times): 10 would cut
+            the MNIST autoencoder's seconds to target by about 30 % (seeds 0–5) and
+            digits-cnn's by 5–7 %, but costs the language models (char-gpt 4–6 % more
+            seconds; after a fixed number of steps ``benchmarks/outside_llama.py`` held-out
+            loss 2.294/2.413/2.308 against 2.249/2.344/2.313, ``outside_gpt2.py`` seed 2
+            5.14 against 4.46); statistics every ``stat_every`` steps during the warm-up
+            (inverses still every step) cost steps everywhere (MNIST 30/30/50 against
+            20/20/40, char-gpt 230/220/280 against 180/220/240).
         stat_decay: EMA decay of the statistics in [0, 1); the k-th statistics of a block
             enter with weight max(1/k, 1 − stat_decay) (a plain average of the first ones,
             Martens & Grosse 2015; on the bench, seeds 0–2, 12 % fewer steps to
