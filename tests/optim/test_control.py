@@ -227,13 +227,16 @@ def _train(model, opt, x, y, steps, seed):
         opt.step()
 
 
-@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC", "NGDCG", "NaturalGradient"])
-def test_adaptive_state_round_trip_is_bit_identical(optimizer):
+@pytest.mark.parametrize(("optimizer", "extra"), [
+    ("KFAC", {}), ("EKFAC", {}), ("NGDCG", {}), ("NaturalGradient", {}),
+    ("KFAC", {"momentum_every": 3}), ("EKFAC", {"momentum_every": 3}),  # the kept ratio
+])
+def test_adaptive_state_round_trip_is_bit_identical(optimizer, extra):
     torch.manual_seed(0)
     x = torch.randn(64, 5, dtype=DTYPE)
     y = torch.randint(0, 3, (64,))
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    kwargs = dict(lr="auto", momentum="auto", damping="auto", lm_every=2)
+    kwargs = dict(lr="auto", momentum="auto", damping="auto", lm_every=2, **extra)
     opt = getattr(natgrad, optimizer)(model, **kwargs)
     _train(model, opt, x, y, 7, seed=1)
     buffer = io.BytesIO()

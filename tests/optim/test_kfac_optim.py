@@ -192,6 +192,116 @@ def test_auto_lr_curvature_on_a_row_subset(rows):
     assert opt.state["natgrad"]["lr"] == pytest.approx(alpha, rel=RTOL_STEP)
 
 
+def _count_products(monkeypatch) -> list[int]:
+    """The number of tangents of each step's Jacobian-vector products, recorded."""
+    from natgrad.optim import control
+
+    tangents, original = [], control._jvps
+
+    def count(fmodel, records, inputs, given, stride=1):
+        tangents.append(len(given))
+        return original(fmodel, records, inputs, given, stride)
+
+    monkeypatch.setattr(control, "_jvps", count)
+    return tangents
+
+
+def _until_a_ratio_is_kept(opt, model, inputs, targets, steps=12):
+    for _ in range(steps):
+        train_step(opt, model, inputs, targets)
+        if opt.state["natgrad"].get("momentum_ratio") is not None:
+            return
+    raise AssertionError("no fit with a, m > 0 in the first steps")
+
+
+def test_kept_momentum_ratio_fits_the_step_length_along_d_plus_r_delta0(monkeypatch):
+    """lr and momentum "auto": a step that fits (a, m) with a, m > 0 (two Jacobian-vector
+    products) keeps r = m/a; the next steps until a multiple of ``momentum_every`` move
+    along u = d + r·δ₀, d = −Δ, with a = −gᵀu / uᵀ(F + λI)u for the exact batch Fisher F
+    (one product); a fit whose m ≤ 0 keeps none."""
+    from natgrad.optim import step
+
+    model, inputs, targets = problem("mlp")
+    opt = natgrad.KFAC(model, **settings(lr="auto", momentum="auto", momentum_every=1000))
+    tangents = _count_products(monkeypatch)
+    directions = []
+    original_decide = step.decide
+
+    def spy(ctrl, problem):
+        directions.append([d.clone() for d in problem.directions])
+        return original_decide(ctrl, problem)
+
+    monkeypatch.setattr("natgrad.optim.base.decide", spy)
+    _until_a_ratio_is_kept(opt, model, inputs, targets)
+    state = opt.state["natgrad"]
+    fits = len(tangents)
+    assert tangents == [1] + [2] * (fits - 1)  # no δ₀ on the first step; then both fitted
+    ratio = state["momentum_ratio"]
+    assert state["momentum"] > 0 and state["lr"] > 0
+    assert ratio == pytest.approx(state["momentum"] / state["lr"], rel=1e-12)
+    before = copy.deepcopy(model)
+    previous = torch.cat([opt.state[p]["previous_update"].reshape(-1)
+                          for p in model.parameters()])
+    train_step(opt, model, inputs, targets)
+    assert tangents[fits:] == [1] and state["momentum_ratio"] == ratio  # kept, not refitted
+    delta = torch.cat([d.reshape(-1) for d in directions[-1]])
+    u = -delta + ratio * previous
+    fisher = brute_force_fisher(before, inputs, "categorical")
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    a = float(-(g @ u) / (u @ fisher @ u + DAMPING * u @ u))
+    assert state["lr"] == pytest.approx(a, rel=RTOL_STEP)
+    assert state["momentum"] == pytest.approx(a * ratio, rel=RTOL_STEP)
+    assert rel_err(flat_change(before, model), a * u) <= RTOL_STEP
+
+
+def test_momentum_every_refits_on_its_multiples(monkeypatch):
+    """With momentum_every=k a kept ratio lasts until the next step that is a multiple of
+    k, which fits both coefficients again; momentum_every=1 fits them on every step."""
+    model, inputs, targets = problem("mlp")
+    opt = natgrad.KFAC(model, **settings(lr="auto", momentum="auto", momentum_every=3))
+    tangents = _count_products(monkeypatch)
+    _until_a_ratio_is_kept(opt, model, inputs, targets)
+    for _ in range(6):
+        step = opt.state["natgrad"]["step"]
+        kept = opt.state["natgrad"].get("momentum_ratio") is not None
+        train_step(opt, model, inputs, targets)
+        assert tangents[-1] == (2 if step % 3 == 0 or not kept else 1), step
+    every = natgrad.KFAC(copy.deepcopy(model), **settings(lr="auto", momentum="auto",
+                                                          momentum_every=1))
+    del tangents[:]
+    for _ in range(4):
+        train_step(every, every.model, inputs, targets)
+    assert tangents == [1, 2, 2, 2]
+
+
+def test_a_rejected_step_forgets_the_kept_momentum_ratio(monkeypatch):
+    """After a rejected step the momentum restarts: the kept ratio goes with it, the next
+    step has no δ₀ (one product) and the one after fits both coefficients (two), although
+    momentum_every=1000 would keep a ratio."""
+    from natgrad.optim.control import QuadraticControl
+
+    model, inputs, targets = problem("mlp")
+    opt = natgrad.KFAC(model, **settings(lr="auto", momentum="auto", damping="auto",
+                                         momentum_every=1000))
+    _until_a_ratio_is_kept(opt, model, inputs, targets)
+    state = opt.state["natgrad"]
+    with monkeypatch.context() as patch:
+        patch.setattr(QuadraticControl, "reduction_ratio", lambda *args, **kwargs: -3.0)
+        train_step(opt, model, inputs, targets)
+    assert state["rejected_steps"] == 1 and "momentum_ratio" not in state
+    tangents = _count_products(monkeypatch)
+    for _ in range(2):
+        train_step(opt, model, inputs, targets)
+    assert tangents == [1, 2] and state.get("rejected_steps") == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True])
+def test_momentum_every_is_validated(bad):
+    model, _, _ = problem("mlp")
+    with pytest.raises((ValueError, TypeError), match="momentum_every"):
+        natgrad.KFAC(model, momentum_every=bad)
+
+
 def test_a_step_that_raises_its_batch_loss_is_rejected():
     """damping="auto": a step whose batch loss goes up (ρ < 0; here a fixed lr far too
     large) leaves the parameters unchanged, is counted, raises λ and forgets the momentum

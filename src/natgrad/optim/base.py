@@ -113,11 +113,13 @@ class CurvatureOptimizer(Optimizer):
         curvature_rows: int | str | None = "auto",
         seed: int = 0,
         grad_scaler: Any = None,
+        momentum_every: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         defaults = dict(defaults)
         check_positive_int("lm_every", lm_every)
+        check_positive_int("momentum_every", momentum_every)
         self.auto = AutoSettings(
             lr=defaults["lr"] == AUTO,
             momentum=defaults.get("momentum") == AUTO,
@@ -125,6 +127,7 @@ class CurvatureOptimizer(Optimizer):
             lm_every=lm_every,
             min_damping=min_damping,
             rows=check_rows(curvature_rows),
+            momentum_every=momentum_every,
         )
         if self.auto.lr:
             defaults["lr"] = 1.0  # a multiplier on the automatic step, for LR schedulers
@@ -328,6 +331,8 @@ class CurvatureOptimizer(Optimizer):
                 self.state[p].pop("previous_update", None)
         state = self.global_state
         state.update(decision.info)
+        if not decision.accepted:  # the next step with momentum fits its ratio anew
+            state.pop("momentum_ratio", None)
         if decision.counter is not None:
             state[decision.counter] = state.get(decision.counter, 0) + 1
         state["step"] = step + 1
@@ -389,6 +394,7 @@ class CurvatureOptimizer(Optimizer):
             weight_decay=0.0 if decoupled else first.get("weight_decay", 0.0),
             step=self.global_state["step"],
             failed_in_a_row=self.global_state.get("failed_in_a_row", 0),
+            momentum_ratio=self.global_state.get("momentum_ratio"),
             paused=partial(self._own_forwards, params),
             kl_clip=self.kl_clip,
             quadratic=quadratic if self.kl_clip is not None else None,

@@ -168,6 +168,7 @@ class AutoSettings:
     max_damping: float = 1e3
     reject_factor: float = 2.0  # a step with ρ < 0 after one also multiplies λ by this
     backtracks: int = 3  # tries at a fraction of a step whose batch loss went up
+    momentum_every: int = 1  # steps between fits of (a, m); between them a alone on d + rδ₀
     rows: int | str | None = "auto"  # rows of the batch in the quadratic model's curvature
 
     @property

@@ -18,7 +18,8 @@ and only the source of the coefficients differs:
   ``backtracks`` times, each at the minimum of the parabola through the last try), and
   rejected if that fails too (Levenberg–Marquardt adapts λ either way, and a step whose
   loss went up right after one whose loss went up multiplies it by ``reject_factor``
-  besides).
+  besides). With ``momentum_every`` > 1 the steps between fits of both coefficients keep
+  the last fit's ratio r = m/a and fit the length of a step along d + r·δ₀ alone.
 
 :func:`decide` returns a :class:`Decision`; the optimizer applies it and keeps the step's
 curvature only if it is accepted.
@@ -38,7 +39,12 @@ from torch import Tensor
 from natgrad._checks import all_finite
 from natgrad.curvature.batch import StepBatch
 from natgrad.curvature.model import FunctionalModel, swapped_tensors
-from natgrad.optim.control import QuadraticControl, backtrack_fraction, lm_update
+from natgrad.optim.control import (
+    AutoSettings,
+    QuadraticControl,
+    backtrack_fraction,
+    lm_update,
+)
 
 __all__ = ["Decision", "StepProblem", "decide"]
 
@@ -63,6 +69,8 @@ class StepProblem:
         step: the optimizer's step count (Levenberg–Marquardt runs every ``lm_every``).
         failed_in_a_row: how many steps just before this one raised their batch's loss
             (ρ < 0: backtracked or rejected).
+        momentum_ratio: r = m/a of the last fit of both coefficients (None: none since the
+            momentum last restarted).
         kl_clip: KL-clipping bound for fixed lr (None: off); quadratic: v ↦ vᵀF̃v for it.
         paused: a context in which the model's forwards are not captured.
     """
@@ -85,6 +93,7 @@ class StepProblem:
     quadratic: Callable[[dict[Tensor, Tensor]], float] | None = None
     values: list[Tensor] | None = None
     failed_in_a_row: int = 0
+    momentum_ratio: float | None = None
 
 
 @dataclass
@@ -123,11 +132,14 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     descent = (torch._foreach_neg(directions) if settings.lr
                else [-lr * d for d, lr in zip(directions, lrs, strict=True)])
     uniform = len(set(lrs)) == 1
+    ratio = _kept_ratio(settings, problem, has_previous)
+    if ratio is not None:  # a alone along u = d + r·δ₀: one Jacobian-vector product
+        descent = torch._foreach_add(descent, previous, alpha=ratio)
     with problem.paused():
         result = control.updates(
             problem.fmodel, problem.batch, problem.grads, descent,
-            previous if has_previous else None, problem.damping, problem.weight_decay,
-            fixed=(1.0, problem.momenta[0]),
+            previous if has_previous and ratio is None else None, problem.damping,
+            problem.weight_decay, fixed=(1.0, problem.momenta[0]),
             scale=lrs[0] if settings.lr and uniform else 1.0,
         )
     if result is None or not all_finite(result[0]):
@@ -135,8 +147,14 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     update, info = result
     if settings.lr and not uniform:  # each group's lr multiplies the chosen step
         update = [u * lr for u, lr in zip(update, lrs, strict=True)]
-    decision = Decision(update, info={"lr": info["lr"], "momentum": info["momentum"],
+    momentum = info["momentum"] if ratio is None else info["lr"] * ratio
+    decision = Decision(update, info={"lr": info["lr"], "momentum": momentum,
                                       "failed_in_a_row": 0})
+    if ratio is None and settings.lr and settings.momentum and has_previous:
+        # both fitted: the ratio the steps until the next fit keep; none unless a, m > 0 (a
+        # negative m undoes part of the last step: kept, it would undo the next ones too)
+        positive = info["lr"] > 0 and info["momentum"] > 0
+        decision.info["momentum_ratio"] = info["momentum"] / info["lr"] if positive else None
     if not (settings.damping and problem.step % settings.lm_every == 0):
         return decision
 
@@ -167,6 +185,18 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
         slope, predicted, change = t * slope, at_t, rho_t * at_t  # the tried step's
     decision.accepted, decision.counter = False, "rejected_steps"
     return decision
+
+
+def _kept_ratio(settings: AutoSettings, problem: StepProblem,
+                has_previous: bool) -> float | None:
+    """r = m/a of the last fit if this step keeps it (automatic lr and momentum, between
+    fits every ``momentum_every`` steps, δ₀ present, the step before not failed); else None:
+    this step fits both coefficients."""
+    if not (settings.lr and settings.momentum and has_previous) or settings.momentum_every == 1:
+        return None
+    if problem.momentum_ratio is None or problem.failed_in_a_row:
+        return None
+    return None if problem.step % settings.momentum_every == 0 else problem.momentum_ratio
 
 
 def trial_parameters(problem: StepProblem, update: list[Tensor]) -> Iterator[Tensor]:
