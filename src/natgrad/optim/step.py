@@ -150,7 +150,8 @@ def decide(control: QuadraticControl, problem: StepProblem) -> Decision | None:
     momentum = info["momentum"] if ratio is None else info["lr"] * ratio
     decision = Decision(update, info={"lr": info["lr"], "momentum": momentum,
                                       "failed_in_a_row": 0})
-    if ratio is None and settings.lr and settings.momentum and has_previous:
+    if ratio is None and settings.momentum_every > 1 and settings.lr and settings.momentum \
+            and has_previous:
         # both fitted: the ratio the steps until the next fit keep; none unless a, m > 0 (a
         # negative m undoes part of the last step: kept, it would undo the next ones too)
         positive = info["lr"] > 0 and info["momentum"] > 0
