@@ -346,6 +346,21 @@ def test_backtrack_fraction_bounds_and_refusals():
     assert backtrack_fraction(-1.0, -0.5, math.nan) is None
 
 
+def _record_proposals(monkeypatch) -> list:
+    """Every (update, info) the quadratic model proposes from now on, in order."""
+    from natgrad.optim.control import QuadraticControl
+
+    proposals, original = [], QuadraticControl.updates
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        proposals.append(result)
+        return result
+
+    monkeypatch.setattr(QuadraticControl, "updates", spy)
+    return proposals
+
+
 def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
     """ρ < 0 on the step's batch: the optimizer applies t·δ with t = backtrack_fraction(...)
     if ρ at tδ is ≥ 0, counts it, and keeps tδ as the momentum direction."""
@@ -355,21 +370,15 @@ def test_a_failed_step_is_retried_at_the_parabola_minimum(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     before = [p.detach().clone() for p in model.parameters()]
-    ratios, proposals = [], []
-    original_ratio, original_updates = QuadraticControl.reduction_ratio, QuadraticControl.updates
+    ratios, proposals = [], _record_proposals(monkeypatch)
+    original_ratio = QuadraticControl.reduction_ratio
 
     def first_fails(self, fmodel, records, predicted, penalty_change=0.0):
         rho = original_ratio(self, fmodel, records, predicted, penalty_change)
         ratios.append(predicted)
         return -3.0 if len(ratios) == 1 else rho
 
-    def spy(self, *args, **kwargs):
-        result = original_updates(self, *args, **kwargs)
-        proposals.append(result)
-        return result
-
     monkeypatch.setattr(QuadraticControl, "reduction_ratio", first_fails)
-    monkeypatch.setattr(QuadraticControl, "updates", spy)
     opt = natgrad.KFAC(model)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -401,20 +410,13 @@ def test_a_failed_retry_is_retried_from_its_own_parabola(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     before = [p.detach().clone() for p in model.parameters()]
-    given, predictions, proposals = [-3.0, -2.0, 0.5], [], []
-    original_updates = QuadraticControl.updates
+    given, predictions, proposals = [-3.0, -2.0, 0.5], [], _record_proposals(monkeypatch)
 
     def scripted(self, fmodel, batch, predicted, penalty_change=0.0):
         predictions.append(predicted)
         return given.pop(0)
 
-    def spy(self, *args, **kwargs):
-        result = original_updates(self, *args, **kwargs)
-        proposals.append(result)
-        return result
-
     monkeypatch.setattr(QuadraticControl, "reduction_ratio", scripted)
-    monkeypatch.setattr(QuadraticControl, "updates", spy)
     opt = natgrad.KFAC(model)
     assert opt.auto.backtracks == 3
     opt.zero_grad()
