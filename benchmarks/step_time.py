@@ -128,20 +128,20 @@ def phase_times(name: str, steps: int, skip: int = 20) -> dict[str, float]:
     model = problem.build_model()
     opt = natgrad.KFAC(model, loss=problem.loss)
     totals: dict[str, float] = {}
-    for i in range(skip + steps):
-        if i == skip:
-            totals.clear()
-        idx = torch.randint(0, len(data.x_train), (problem.batch_size,), generator=gen)
-        x, y = data.x_train[idx], data.y_train[idx]
-        with timed_phases(totals):
+    with timed_phases(totals):
+        for i in range(skip + steps):
+            if i == skip:
+                totals.clear()
+            idx = torch.randint(0, len(data.x_train), (problem.batch_size,), generator=gen)
+            x, y = data.x_train[idx], data.y_train[idx]
             begin = time.process_time()
             opt.zero_grad()
             problem.compute_loss(model(x), y).backward()
             middle = time.process_time()
             opt.step()
             end = time.process_time()
-        totals["forward+backward"] = totals.get("forward+backward", 0.0) + middle - begin
-        totals["step"] = totals.get("step", 0.0) + end - middle
+            totals["forward+backward"] = totals.get("forward+backward", 0.0) + middle - begin
+            totals["step"] = totals.get("step", 0.0) + end - middle
     totals["quadratic model"] -= totals.get("J·t products", 0.0)  # nested in it
     inside = sum(v for k, v in totals.items() if k not in ("forward+backward", "step"))
     totals["other"] = totals.pop("step") - inside
