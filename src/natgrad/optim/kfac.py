@@ -181,7 +181,10 @@ class KFAC(CurvatureOptimizer):
             char-gpt 200/190/210/160/170/290 steps against 180/220/240/140/160/200,
             ``benchmarks/outside_llama.py`` held-out 2.374/2.373/2.373 against
             2.249/2.344/2.313, ``outside_gpt2.py`` seed 0 5.03 against 4.61 (their fitted m
-            changes sign from step to step).
+            changes sign from step to step), and so do small models on other data
+            (``benchmarks/outside_tabular.py --variant 'me4={"momentum_every": 4}'``, six
+            problems, seeds 0–5: 4945 steps against 4700; breast cancer 970 against 880,
+            the autoencoder 1035 against 950).
 
     Example:
         >>> opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss())  # automatic lr, momentum, damping
