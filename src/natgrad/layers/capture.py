@@ -30,6 +30,12 @@ from natgrad.layers.embedding import EmbeddingHandler
 from natgrad.layers.huggingface import huggingface_handler, loss_keywords
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
+from natgrad.layers.recurrent import (
+    RECURRENT_TYPES,
+    RecurrentHandler,
+    recurrent_forward,
+    recurrent_handlers,
+)
 
 __all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "batch_inputs", "find_layers"]
 
@@ -100,6 +106,12 @@ def find_layers(model: nn.Module, exclude: Iterable[str | type] = ()) -> LayerMa
             found, reason = attention_handlers(name, module)
             if reason is not None:
                 reasons[name] = f"MultiheadAttention with {reason}"
+            handlers.update(found)
+            continue
+        if isinstance(module, RECURRENT_TYPES):
+            found, reason = recurrent_handlers(name, module)
+            if reason is not None:
+                reasons[name] = f"{type(module).__name__} with {reason}"
             handlers.update(found)
             continue
         handler_type = _handler_type(module)
@@ -221,10 +233,15 @@ class LayerCapture:
                                         with_kwargs=True)
         ]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
+        recurrent: dict[int, tuple[nn.RNNBase, dict[str, str]]] = {}
         for name, handler in handlers.items():
             if isinstance(handler, ATTENTION_HANDLERS):  # a MultiheadAttention's projection
                 roles = attention.setdefault(id(handler.attention), (handler.attention, {}))[1]
                 roles[handler.role] = name
+                continue
+            if isinstance(handler, RecurrentHandler):  # a recurrent layer's projection
+                keys = recurrent.setdefault(id(handler.recurrent), (handler.recurrent, {}))[1]
+                keys[handler.key] = name
                 continue
             self._handles.append(handler.module.register_forward_hook(
                 _for(handler.module, self._layer_hook(name)),
@@ -236,6 +253,11 @@ class LayerCapture:
                 mha, self._record_call, names
             )
             self._patched.append(mha)
+        for rnn, keys in recurrent.values():  # reports its projections (layers/recurrent.py)
+            rnn.forward = recurrent_forward(  # type: ignore[method-assign]
+                rnn, self._record_call, keys
+            )
+            self._patched.append(rnn)
         if trace:
             for child in model.children():
                 self._handles.append(child.register_forward_hook(_for(child, self._trace_hook)))
@@ -251,7 +273,7 @@ class LayerCapture:
 
         return hook
 
-    @torch.compiler.disable(reason=_EAGER)  # MultiheadAttention's forward calls it
+    @torch.compiler.disable(reason=_EAGER)  # MultiheadAttention's, RNNs' forwards call it
     def _record_call(self, name: str, inputs: Tensor, output: Tensor) -> None:
         """One call of the layer ``name``: its input and its output (with its graph)."""
         if not (self.gathering and not self._paused and torch.is_grad_enabled()):
@@ -348,8 +370,8 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for mha in self._patched:
-            mha.__dict__.pop("forward", None)
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
         self._patched.clear()
         self.records.clear()
 

@@ -40,8 +40,9 @@ class KFAC(CurvatureOptimizer):
     Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (grouped and
     depthwise too: one Kronecker product per group), ``nn.Embedding`` (diagonal input factor),
     ``nn.MultiheadAttention`` (its in-projection: one packed block for self-attention, one
-    per q/k/v for cross-attention and kdim/vdim weights; out_proj),
-    a weight tied between two of these (one shared block, :mod:`natgrad.curvature.shared`)
+    per q/k/v for cross-attention and kdim/vdim weights; out_proj), ``nn.RNN``/``GRU``/
+    ``LSTM`` (one block for each layer's and direction's input projection and one for its
+    recurrent projection, shared over time steps), a weight tied between two of these (one shared block, :mod:`natgrad.curvature.shared`)
     and the affine parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block). Other
     trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
     diagonal Fisher estimated from the same sampled-label gradients, and a one-time warning

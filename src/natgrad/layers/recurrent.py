@@ -1,0 +1,183 @@
+"""``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``: Kronecker blocks for their input and recurrent
+weights.
+
+PyTorch runs a recurrent layer as one fused kernel, so its gate pre-activations never pass
+through a module that hooks can watch. While natgrad watches a recurrent layer, the module runs
+:func:`recurrent_forward` instead: the same recurrence unrolled over time in PyTorch operations
+(PyTorch's gate order and formulas, every layer and direction, dropout between layers, a given
+initial state), reporting to the capture, for layer k and direction suffix ``""`` or
+``"_reverse"``:
+
+* block ``ih_l{k}{suffix}``, the input projection: one call per forward, inputs xₜ
+  ``[B, T, d_in]``, output W_ih xₜ + b_ih ``[B, T, g·H]`` (g = 1, 3, 4 gates for RNN, GRU,
+  LSTM);
+* block ``hh_l{k}{suffix}``, the recurrent projection: one call per time step, inputs hₜ₋₁
+  ``[B, H]``, output W_hh hₜ₋₁ + b_hh ``[B, g·H]``.
+
+Each is a Linear block over [W | b] (``[g·H, d + 1]``). The weights are shared over the time
+steps, and K-FAC factors them as it factors any layer shared over positions ("expand": A the
+mean of āāᵀ over samples and steps, G the sum of δδᵀ over steps averaged over samples), which
+is Martens, Ba & Grosse's (ICLR 2018) approximation that treats the steps' contributions as
+independent (it drops the correlations between steps). The blocks count every step, also those
+the loss ignores (a step's input still shapes the later states). With ``kfac_approx="reduce"``
+the input projection's steps are reduced; the recurrent projection's steps, being separate
+calls, are expanded.
+
+Supported calls: a batched input (``[B, T, d]`` with ``batch_first``, else ``[T, B, d]``),
+with or without an initial state. Any other call (an unbatched input, a ``PackedSequence``)
+runs PyTorch's forward; its blocks then see no call and natgrad warns. LSTMs with
+``proj_size`` have no blocks (their parameters take the fallback).
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from natgrad.layers.base import LayerHandler
+from natgrad.layers.linear import LinearHandler
+
+__all__ = ["RECURRENT_TYPES", "RecurrentHandler", "recurrent_forward", "recurrent_handlers"]
+
+RECURRENT_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
+Record = Callable[[str, Tensor, Tensor], None]
+
+
+class RecurrentHandler(LinearHandler):
+    """One projection of a recurrent layer (``kind`` ``"ih"`` or ``"hh"``, layer ``layer``,
+    direction ``suffix``) as a Linear layer: X = [W | b], ``[g·H, d + 1]``."""
+
+    def __init__(self, module: nn.RNNBase, kind: str, layer: int, suffix: str) -> None:
+        super().__init__(module)
+        self.recurrent = module
+        self.key = f"{kind}_l{layer}{suffix}"  # also its block name's last part
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self.module, f"weight_{self.key}")
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, f"bias_{self.key}") if self.module.bias else None
+
+    def positions(self, inputs: Tensor) -> None:
+        return None  # every step counts (see module doc)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        if getattr(module, "proj_size", 0) > 0:
+            return "proj_size"
+        return None
+
+
+def recurrent_handlers(
+    name: str, module: nn.RNNBase
+) -> tuple[dict[str, LayerHandler], str | None]:
+    """The blocks of the recurrent layer ``name`` by block name (those whose weight is
+    trained), or why it has none."""
+    reason = RecurrentHandler.unsupported_reason(module)
+    if reason is not None:
+        return {}, reason
+    handlers: dict[str, LayerHandler] = {}
+    for layer in range(module.num_layers):
+        for suffix in ("", "_reverse") if module.bidirectional else ("",):
+            for kind in ("ih", "hh"):
+                handler = RecurrentHandler(module, kind, layer, suffix)
+                if handler.weight.requires_grad:
+                    handlers[f"{name}.{handler.key}"] = handler
+    return handlers, None
+
+
+def _supported(rnn: nn.RNNBase, x: Any, hx: Any) -> bool:
+    """Whether natgrad's forward takes the call (PyTorch's forward raises its own errors)."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != rnn.input_size:
+        return False
+    if hx is None:
+        return True
+    states = hx if isinstance(hx, tuple) else (hx,)
+    if len(states) != (2 if rnn.mode == "LSTM" else 1):
+        return False
+    batch = x.shape[0 if rnn.batch_first else 1]
+    shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
+    return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
+
+
+def _cell(
+    mode: str, gates_in: Tensor, gates_h: Tensor, h: Tensor, c: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """One step of PyTorch's recurrence from the two projections (gates in PyTorch's order)."""
+    if mode == "GRU":  # r, z, n
+        r_in, z_in, n_in = gates_in.chunk(3, -1)
+        r_h, z_h, n_h = gates_h.chunk(3, -1)
+        r, z = torch.sigmoid(r_in + r_h), torch.sigmoid(z_in + z_h)
+        n = torch.tanh(n_in + r * n_h)
+        return n + z * (h - n), None
+    if mode == "LSTM":  # i, f, g, o
+        i, f, g, o = (gates_in + gates_h).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    pre = gates_in + gates_h
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+
+
+def recurrent_forward(
+    rnn: nn.RNNBase, record: Record, names: dict[str, str]
+) -> Callable[..., Any]:
+    """The recurrent layer's forward with its projections reported to ``record`` under
+    ``names`` (handler key such as ``"ih_l0"`` → block name; see module doc), bound to
+    ``rnn``. PyTorch's forward runs every call it does not support, and every call of a copy
+    of ``rnn``."""
+    target = weakref.ref(rnn)
+
+    def report(key: str, inputs: Tensor, output: Tensor) -> None:
+        if key in names:  # (a block the optimizer holds)
+            record(names[key], inputs, output)
+
+    def forward(self: nn.RNNBase, input: Any, hx: Any = None) -> tuple[Tensor, Any]:  # noqa: A002
+        if self is not target() or not _supported(self, input, hx):
+            return type(self).forward(self, input, hx)
+        lstm = self.mode == "LSTM"
+        x = input if self.batch_first else input.transpose(0, 1)  # [B, T, d]
+        batch, steps = x.shape[:2]
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * len(directions), batch, self.hidden_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx if lstm else (hx, None)
+        last_h, last_c = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for index, suffix in enumerate(directions):
+                key = f"l{layer}{suffix}"
+                weights = [getattr(self, f"weight_{k}_{key}") for k in ("ih", "hh")]
+                biases = ([getattr(self, f"bias_{k}_{key}") for k in ("ih", "hh")]
+                          if self.bias else [None, None])
+                gates_in = F.linear(x, weights[0], biases[0])  # [B, T, g·H], all steps at once
+                report(f"ih_{key}", x, gates_in)
+                state = layer * len(directions) + index
+                h, c = h0[state], c0[state] if lstm else None
+                per_step = gates_in.unbind(1)
+                out: list[Tensor] = [h] * steps
+                for t in (reversed(range(steps)) if suffix else range(steps)):
+                    gates_h = F.linear(h, weights[1], biases[1])
+                    report(f"hh_{key}", h, gates_h)
+                    h, c = _cell(self.mode, per_step[t], gates_h, h, c)
+                    out[t] = h
+                outputs.append(torch.stack(out, 1))
+                last_h.append(h)
+                last_c.append(c)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        output = x if self.batch_first else x.transpose(0, 1)
+        h_n = torch.stack(last_h)
+        return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
+
+    return types.MethodType(forward, rnn)

@@ -1,0 +1,239 @@
+"""nn.RNN / nn.GRU / nn.LSTM: Kronecker blocks for their input and recurrent projections.
+
+* While natgrad watches a recurrent layer, the module runs natgrad's unrolled forward: the
+  same outputs and final states as PyTorch's fused kernel (float64), for every cell type,
+  batch_first or not, one or two directions, two layers, with and without an initial state;
+  PyTorch's forward comes back after, runs every call natgrad does not take over (a
+  PackedSequence), and runs a deep copy's calls.
+* K-FAC's factors of every projection equal the definition (K-FAC-expand over time steps):
+  A = (1/(N·T)) Σ āāᵀ over the steps' inputs, G = (1/N) Σₙ E_y[Σₜ δₜδₜᵀ], with each step's δₜ
+  recovered from per-class gradients of PyTorch's own (fused) layer: X_y = Σₜ δₜ āₜᵀ.
+* KFAC's and EKFAC's defaults train a tagger and a classifier built on each cell type with no
+  fallback and no uncalled layer; an LSTM with proj_size falls back, with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import natgrad
+from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
+from natgrad.layers.capture import LayerCapture, find_layers
+
+D, H, T, B, C = 5, 4, 4, 3, 3
+CELLS = {
+    "rnn-tanh": lambda **kw: nn.RNN(D, H, **kw),
+    "rnn-relu": lambda **kw: nn.RNN(D, H, nonlinearity="relu", **kw),
+    "gru": lambda **kw: nn.GRU(D, H, **kw),
+    "lstm": lambda **kw: nn.LSTM(D, H, **kw),
+}
+
+
+class Classifier(nn.Module):
+    """A recurrent layer (from a fixed random initial state, or zeros), then a linear head on
+    the last step's output: logits ``[B, C]``."""
+
+    def __init__(self, cell: str, bidirectional: bool = False, bias: bool = True,
+                 initial: bool = False) -> None:
+        super().__init__()
+        self.rnn = CELLS[cell](batch_first=True, bidirectional=bidirectional, bias=bias)
+        self.head = nn.Linear(H * (2 if bidirectional else 1), C)
+        self.initial = _initial_state(self.rnn, 1) if initial else None
+
+    def forward(self, x):
+        hx = None
+        if self.initial is not None:
+            hx = tuple(s.expand(-1, x.shape[0], -1) for s in self.initial) if isinstance(
+                self.initial, tuple) else self.initial.expand(-1, x.shape[0], -1)
+        return self.head(self.rnn(x, hx)[0][:, -1])
+
+
+def _initial_state(rnn, batch, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, H)
+    h0 = torch.randn(*shape, dtype=DTYPE, generator=gen)
+    return (h0, torch.randn(*shape, dtype=DTYPE, generator=gen)) if isinstance(
+        rnn, nn.LSTM) else h0
+
+
+def _max_diff(a, b):
+    if isinstance(a, tuple):
+        return max(_max_diff(x, y) for x, y in zip(a, b, strict=True))
+    return float(
+        ((a - b).abs().max() / b.abs().max()).detach())
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_natgrads_forward_equals_pytorchs(cell, batch_first, bidirectional):
+    torch.manual_seed(0)
+    rnn = CELLS[cell](num_layers=2, batch_first=batch_first, bidirectional=bidirectional,
+                      dropout=0.0).to(DTYPE)
+    model = nn.Sequential(rnn)  # the capture watches a model; its output is not used here
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    x = x if batch_first else x.transpose(0, 1)
+    hx = _initial_state(rnn, B)
+    expected = [rnn(x), rnn(x, hx)]
+    layers = find_layers(model)
+    assert layers.fallback == {}
+    suffixes = ("", "_reverse") if bidirectional else ("",)
+    assert set(layers.handlers) == {f"0.{k}_l{i}{s}" for k in ("ih", "hh") for i in (0, 1)
+                                    for s in suffixes}
+    with LayerCapture(model, layers.handlers):
+        assert "forward" in rnn.__dict__  # natgrad's forward runs
+        got = [rnn(x), rnn(x, hx)]
+    assert "forward" not in rnn.__dict__
+    for g, e in zip(got, expected, strict=True):
+        assert _max_diff(g[0], e[0]) <= RTOL_EXACT
+        assert _max_diff(g[1], e[1]) <= RTOL_EXACT
+
+
+def test_each_projection_is_reported_once_per_forward_and_once_per_step():
+    torch.manual_seed(0)
+    model = Classifier("gru", bidirectional=True).to(DTYPE)
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    with LayerCapture(model, find_layers(model).handlers) as capture:
+        model(x)
+        calls = capture.records[-1].calls
+    assert {n: len(c) for n, c in calls.items()} == {
+        "rnn.ih_l0": 1, "rnn.hh_l0": T, "rnn.ih_l0_reverse": 1, "rnn.hh_l0_reverse": T,
+        "head": 1,
+    }
+    assert calls["rnn.ih_l0"][0].inputs.shape == (B, T, D)
+    assert calls["rnn.hh_l0"][0].inputs.norm() == 0  # h₀ = 0: the first step's input
+    assert [tuple(c.inputs.shape) for c in calls["rnn.hh_l0"]] == [(B, H)] * T
+
+
+def test_calls_natgrad_does_not_take_over_run_pytorchs_forward_and_are_named():
+    torch.manual_seed(0)
+    model = Classifier("lstm").to(DTYPE)
+    model.forward = lambda x: model.head(  # a PackedSequence input
+        model.rnn(pack_padded_sequence(x, [T] * B, batch_first=True))[1][0][-1])
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    expected = model(x)
+    opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+    assert rel_err(model(x), expected) <= RTOL_EXACT
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.zeros(B, dtype=torch.long)).backward()
+        opt.step()
+    messages = [str(r.message) for r in records if issubclass(r.category, RuntimeWarning)]
+    assert messages == ["these layers were not called in the model's forward, their parameters "
+                        "take plain gradient steps until they are: rnn.hh_l0, rnn.ih_l0"]
+
+
+def test_a_copy_of_a_watched_recurrent_layer_runs_pytorchs_forward_and_reports_nothing():
+    torch.manual_seed(0)
+    model = Classifier("gru").to(DTYPE)
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    with LayerCapture(model, find_layers(model).handlers) as capture:
+        twin = copy.deepcopy(model)
+        assert rel_err(twin(x), model(x)) <= RTOL_EXACT
+        assert len(capture.records) == 1 and set(capture.records[0].calls) >= {"rnn.ih_l0"}
+
+
+def test_an_lstm_with_proj_size_falls_back_with_its_reason():
+    model = nn.Sequential(nn.LSTM(D, H, proj_size=2))
+    layers = find_layers(model)
+    assert layers.handlers == {}
+    assert set(layers.fallback.values()) == {"LSTM with proj_size"}
+
+
+# --- the factors against the definition ---------------------------------------------------------
+def _step_inputs(model, x):
+    """Block name → the rows ā of its steps for one sample, ``[T, d(+1)]``, from PyTorch's own
+    layer: the input projection's xₜ, the recurrent projection's hₜ₋₁ (hₜ₊₁ in reverse)."""
+    rnn = model.rnn
+    initial = model.initial[0] if isinstance(model.initial, tuple) else model.initial
+    out = rnn(x, model.initial)[0][0].detach()  # [T, H·directions]
+    rows = {}
+    for index, suffix in enumerate(("", "_reverse") if rnn.bidirectional else ("",)):
+        first = torch.zeros(1, H, dtype=DTYPE) if initial is None else initial[index]
+        states = (torch.cat([out[1:, H:], first]) if suffix else torch.cat([first, out[:-1, :H]]))
+        rows[f"rnn.ih_l0{suffix}"] = x[0]
+        rows[f"rnn.hh_l0{suffix}"] = states
+    if rnn.bias:
+        rows = {n: torch.cat([r, torch.ones(T, 1, dtype=DTYPE)], 1) for n, r in rows.items()}
+    return rows
+
+
+@pytest.mark.parametrize("cell,bidirectional,bias,initial", [
+    ("rnn-tanh", True, True, False), ("rnn-relu", False, True, False),
+    ("gru", True, True, False), ("gru", True, False, True), ("lstm", True, True, True),
+    ("lstm", False, True, False),
+])
+def test_kfac_factors_of_every_projection_equal_the_definition(cell, bidirectional, bias,
+                                                               initial):
+    """Per sample, X_y = [∇W | ∇b] of log p(y) from PyTorch's fused layer has the form
+    Σₜ δₜāₜᵀ; with independent āₜ the δₜ follow, and A, G are checked against them (without
+    a bias the first step's input must not be zero: a random initial state)."""
+    torch.manual_seed(3)
+    model = Classifier(cell, bidirectional, bias, initial).to(DTYPE)
+    if cell == "rnn-relu":  # no all-zero state (its row would repeat h₀'s)
+        model.rnn.bias_ih_l0.data.add_(1.0)
+    x = torch.randn(2, T, D, dtype=DTYPE)
+    factors = natgrad.kfac_factors(model, x, likelihood="categorical")
+    names = set(_step_inputs(model, x[:1]))
+    assert set(factors) == names | {"head"}
+    expected = {n: [torch.zeros(()), torch.zeros(())] for n in names}  # Σ āāᵀ, Σ E_y[Σ δδᵀ]
+    for sample in range(x.shape[0]):
+        xs = x[sample:sample + 1]
+        rows = _step_inputs(model, xs)
+        logp = model(xs)[0].log_softmax(-1)
+        probs = logp.exp().detach()
+        for name, rows_in in rows.items():
+            key = name.split(".")[1]
+            params = [getattr(model.rnn, f"weight_{key}")]
+            params += [getattr(model.rnn, f"bias_{key}")] if bias else []
+            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)  # X = Σₜ δₜāₜᵀ → [δₜ]
+            expected[name][0] = expected[name][0] + rows_in.T @ rows_in
+            for y in range(C):
+                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
+                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1) if bias else grads[0]
+                deltas = X @ solve  # [g·H, T]
+                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name  # the K-FAC form
+                expected[name][1] = expected[name][1] + probs[y] * deltas @ deltas.T
+    for name in names:
+        A, G = factors[name]
+        assert expected[name][1].norm() > 0
+        assert rel_err(A, expected[name][0] / (x.shape[0] * T)) <= RTOL_EXACT, name
+        assert rel_err(G, expected[name][1] / x.shape[0]) <= RTOL_EXACT, name
+
+
+# --- the optimizers train -----------------------------------------------------------------------
+class Tagger(nn.Module):
+    """Tokens → Embedding → a two-layer bidirectional recurrent layer (dropout between) →
+    logits per token ``[B, T, V]``."""
+
+    def __init__(self, cell: str, vocab: int = 7) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, D)
+        self.rnn = CELLS[cell](num_layers=2, bidirectional=True, batch_first=True, dropout=0.1)
+        self.head = nn.Linear(2 * H, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_recurrent_models_get_blocks_and_train(optimizer, cell):
+    torch.manual_seed(0)
+    model = Tagger(cell).to(DTYPE)
+    tokens = torch.randint(7, (4, 2 * T), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback, no uncalled layer
+        opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+        losses = train_losses(opt, model, tokens, torch.roll(tokens, -1, 1), 10)
+    assert opt.fallback == []
+    rnn_blocks = [n for n in opt.blocks if n.startswith("rnn.")]
+    assert len(rnn_blocks) == 8 and all(opt.blocks[n].refreshed for n in rnn_blocks)
+    assert losses[-1] < 0.7 * losses[0], losses
