@@ -30,6 +30,7 @@ from conftest import DTYPE, RTOL_EXACT, rel_err
 from natgrad.curvature import model as model_module
 from natgrad.curvature.model import FunctionalModel, reverse_only, unstacked_reason
 from natgrad.curvature.stacked import StackedTangents, Unsupported
+from natgrad.layers.recurrent import recurrence
 
 K = 3  # tangents per test: more than the quadratic model's 2, so k is not confused with 2
 
@@ -174,6 +175,41 @@ TWO_INPUTS = {  # functions of x and a parameter-like w, both with tangents
 @pytest.mark.parametrize("name", list(TWO_INPUTS))
 def test_rules_of_several_inputs(name):
     fn, primals = TWO_INPUTS[name]
+    _check(fn, *primals)
+
+
+RECURRENCES = {  # mode, gates per step, bias, reverse, initial state with tangents
+    "rnn-tanh": ("RNN_TANH", 1, True, False, True),
+    "rnn-relu-reverse": ("RNN_RELU", 1, True, True, True),
+    "gru": ("GRU", 3, True, False, True),
+    "gru-reverse-no-bias": ("GRU", 3, False, True, True),
+    "lstm": ("LSTM", 4, True, False, True),
+    "lstm-reverse-zero-state": ("LSTM", 4, True, True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURRENCES))
+def test_a_recurrent_layers_loop_has_one_rule(name):
+    """The whole loop of :func:`recurrence` (4 steps of batch 2, hidden 3) against forward-mode
+    AD through its operations: outputs, last h and last c, with tangents on the input
+    projection, the recurrent weight and bias and (or not) the initial state."""
+    mode, gates, bias, reverse, initial = RECURRENCES[name]
+    lstm = mode == "LSTM"
+    gates_in, weight = _rand(2, 4, gates * 3, seed=1), _rand(gates * 3, 3, seed=2)
+    b, h, c = _rand(gates * 3, seed=3), _rand(2, 3, seed=4), _rand(2, 3, seed=5)
+
+    def fn(gates_in, weight, *rest):
+        rest = list(rest)
+        b_ = rest.pop(0) if bias else None
+        h_, c_ = (rest + [None])[:2] if initial else (torch.zeros(2, 3, dtype=DTYPE),
+                                                      torch.zeros(2, 3, dtype=DTYPE))
+        out, last_h, last_c = recurrence(mode, gates_in, weight, b_, h_, c_ if lstm else None,
+                                         reverse)
+        parts = [out.flatten(), last_h.flatten()] + ([last_c.flatten()] if lstm else [])
+        return torch.cat(parts)
+
+    primals = [gates_in, weight] + ([b] if bias else []) + ([h] + ([c] if lstm else [])
+                                                           if initial else [])
     _check(fn, *primals)
 
 

@@ -8,6 +8,9 @@
 * K-FAC's factors of every projection equal the definition (K-FAC-expand over time steps):
   A = (1/(N·T)) Σ āāᵀ over the steps' inputs, G = (1/N) Σₙ E_y[Σₜ δₜδₜᵀ], with each step's δₜ
   recovered from per-class gradients of PyTorch's own (fused) layer: X_y = Σₜ δₜ āₜᵀ.
+* The quadratic model's Jacobian-vector products through a watched recurrent model take the
+  stacked pass (one rule per layer and direction) and equal forward-mode AD through PyTorch's
+  own fused layer.
 * KFAC's and EKFAC's defaults train a tagger and a classifier built on each cell type with no
   fallback and no uncalled layer; an LSTM with proj_size falls back, with its reason.
 """
@@ -24,6 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import natgrad
 from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
+from natgrad.curvature.model import FunctionalModel, unstacked_reason
 from natgrad.layers.capture import LayerCapture, find_layers
 
 D, H, T, B, C = 5, 4, 4, 3, 3
@@ -213,14 +217,44 @@ class Tagger(nn.Module):
     """Tokens → Embedding → a two-layer bidirectional recurrent layer (dropout between) →
     logits per token ``[B, T, V]``."""
 
-    def __init__(self, cell: str, vocab: int = 7) -> None:
+    def __init__(self, cell: str, vocab: int = 7, dropout: float = 0.1) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, D)
-        self.rnn = CELLS[cell](num_layers=2, bidirectional=True, batch_first=True, dropout=0.1)
+        self.rnn = CELLS[cell](num_layers=2, bidirectional=True, batch_first=True,
+                               dropout=dropout)
         self.head = nn.Linear(2 * H, vocab)
 
     def forward(self, tokens):
         return self.head(self.rnn(self.embed(tokens))[0])
+
+
+# --- the quadratic model's products -------------------------------------------------------------
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_products_through_a_watched_layer_take_the_stacked_pass(cell, monkeypatch):
+    torch.manual_seed(1)
+    model = Tagger(cell, dropout=0.0).to(DTYPE)
+    fused = copy.deepcopy(model)  # not watched: PyTorch's kernel
+    tokens = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    with LayerCapture(model, find_layers(model).handlers):
+        fmodel = FunctionalModel(model)
+        tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in fmodel.params]
+                    for _ in range(2)]
+        calls = []
+        monkeypatch.setattr(FunctionalModel, "_jvp_forward", lambda *a: calls.append(1))
+        outputs, products = fmodel.jvp((tokens,), tangents)
+    assert not calls and unstacked_reason(model) is None
+    names = [n for n, p in fused.named_parameters()]
+
+    def function(*params):
+        return torch.func.functional_call(fused, dict(zip(names, params, strict=True)),
+                                          (tokens,))
+
+    params = tuple(p.detach() for p in fused.parameters())
+    assert rel_err(outputs, function(*params)) <= RTOL_EXACT
+    for tangent, product in zip(tangents, products, strict=True):
+        expected = torch.autograd.functional.jvp(function, params, tuple(tangent))[1]
+        assert rel_err(product, expected) <= RTOL_EXACT
 
 
 @pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])

@@ -30,6 +30,7 @@ from natgrad.curvature.stacked_rules import (
     slope,
     tag,
 )
+from natgrad.layers.recurrent import cell_step, recurrence
 
 __all__ = ["RULES"]
 
@@ -295,6 +296,38 @@ def _attention(mode, func, args, kwargs):
     return tag(mode, out, tangent)
 
 
+def _recurrence(mode, func, args, kwargs):
+    """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
+    ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
+    dispatch for the loop instead of one per operation and step."""
+    check_keywords(kwargs, (), "recurrence")
+    cell, gates_in, weight, bias, h, c, reverse = args[:7]
+    k = mode.k
+    zeros = lambda x: x.new_zeros(k, *x.shape)  # noqa: E731
+    d_in = mode.tangent(gates_in)
+    d_in = zeros(gates_in) if d_in is None else d_in
+    dw, db = mode.tangent(weight), None if bias is None else mode.tangent(bias)
+    dh = mode.tangent(h)
+    dh = zeros(h) if dh is None else dh
+    dc = None if c is None else mode.tangent(c)
+    dc = zeros(c) if c is not None and dc is None else dc
+    steps = gates_in.shape[1]
+    per_step, d_per_step = gates_in.unbind(1), d_in.unbind(2)
+    out: list[Tensor] = [h] * steps
+    d_out: list[Tensor] = [dh] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        gates_h = F.linear(h, weight, bias)
+        d_h = dh @ weight.T  # [k, B, g·H]
+        if dw is not None:
+            d_h = d_h.baddbmm_(h.expand(k, *h.shape), dw.mT)
+        if db is not None:
+            d_h = d_h + db.unsqueeze(1)
+        h, c, dh, dc = cell_step(cell, per_step[t], gates_h, h, c, (d_per_step[t], d_h, dh, dc))
+        out[t], d_out[t] = h, dh
+    outputs = tag(mode, torch.stack(out, 1), torch.stack(d_out, 2))
+    return outputs, tag(mode, h, dh), None if c is None else tag(mode, c, dc)
+
+
 RULES: dict[Callable, Rule] = {
     F.linear: _linear,
     **dict.fromkeys(methods("addmm"), _addmm),
@@ -310,4 +343,5 @@ RULES: dict[Callable, Rule] = {
         lambda ones, y: _aten.threshold_backward(ones, y, 0), from_output=True)),
     F.dropout: _dropout,
     F.scaled_dot_product_attention: _attention,
+    recurrence: _recurrence,
 }

@@ -39,11 +39,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from natgrad.layers.base import LayerHandler
 from natgrad.layers.linear import LinearHandler
 
-__all__ = ["RECURRENT_TYPES", "RecurrentHandler", "recurrent_forward", "recurrent_handlers"]
+__all__ = [
+    "RECURRENT_TYPES",
+    "RecurrentHandler",
+    "cell_step",
+    "recurrence",
+    "recurrent_forward",
+    "recurrent_handlers",
+]
 
 RECURRENT_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
 Record = Callable[[str, Tensor, Tensor], None]
@@ -108,22 +116,78 @@ def _supported(rnn: nn.RNNBase, x: Any, hx: Any) -> bool:
     return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
 
 
-def _cell(
-    mode: str, gates_in: Tensor, gates_h: Tensor, h: Tensor, c: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """One step of PyTorch's recurrence from the two projections (gates in PyTorch's order)."""
+Tangents = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def cell_step(
+    mode: str, gates_in: Tensor, gates_h: Tensor, h: Tensor, c: Tensor | None,
+    tangents: Tangents | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One step of PyTorch's recurrence ``mode`` (``"RNN_TANH"``, ``"RNN_RELU"``, ``"GRU"``,
+    ``"LSTM"``) from the two projections ``[B, g·H]`` (gates in PyTorch's order) and the state
+    h, c (``[B, H]``; c for LSTM only). Returns the new h, c and, given ``tangents`` (the
+    stacked tangents ``[k, ...]`` of gates_in, gates_h, h, c), the new h's and c's tangents
+    (else None, None)."""
+    d_in, d_h, dh, dc = tangents if tangents is not None else (None,) * 4
     if mode == "GRU":  # r, z, n
         r_in, z_in, n_in = gates_in.chunk(3, -1)
         r_h, z_h, n_h = gates_h.chunk(3, -1)
         r, z = torch.sigmoid(r_in + r_h), torch.sigmoid(z_in + z_h)
         n = torch.tanh(n_in + r * n_h)
-        return n + z * (h - n), None
+        new_h = n + z * (h - n)
+        if tangents is None:
+            return new_h, None, None, None
+        dr_in, dz_in, dn_in = d_in.chunk(3, -1)
+        dr_h, dz_h, dn_h = d_h.chunk(3, -1)
+        dr, dz = r * (1 - r) * (dr_in + dr_h), z * (1 - z) * (dz_in + dz_h)
+        dn = (1 - n * n) * (dn_in + dr * n_h + r * dn_h)
+        return new_h, None, dn + dz * (h - n) + z * (dh - dn), None
     if mode == "LSTM":  # i, f, g, o
         i, f, g, o = (gates_in + gates_h).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        new_c = f * c + i * g
+        squashed = torch.tanh(new_c)
+        new_h = o * squashed
+        if tangents is None:
+            return new_h, new_c, None, None
+        di, df, dg, do = (d_in + d_h).chunk(4, -1)
+        d_c = f * (1 - f) * df * c + f * dc + i * (1 - i) * di * g + i * (1 - g * g) * dg
+        return new_h, new_c, o * (1 - o) * do * squashed + o * (1 - squashed.square()) * d_c, d_c
     pre = gates_in + gates_h
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+    new_h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
+    if tangents is None:
+        return new_h, None, None, None
+    slope = 1 - new_h * new_h if mode == "RNN_TANH" else (new_h > 0).to(new_h.dtype)
+    return new_h, None, slope * (d_in + d_h), None
+
+
+def recurrence(
+    mode: str, gates_in: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor,
+    c: Tensor | None, reverse: bool, report: Callable[[Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction of a recurrent layer over its input projection ``gates_in``
+    (``[B, T, g·H]``) with the recurrent weight ``[g·H, H]`` and bias ``[g·H]``, from the
+    state h (and c) ``[B, H]``, the steps in reverse order if ``reverse``. Returns the outputs
+    ``[B, T, H]`` and the last h and c; ``report(h, W h + b)`` sees every step's recurrent
+    projection.
+
+    A torch function (it takes part in ``__torch_function__``): natgrad's stacked
+    Jacobian-vector products give it one rule for the whole loop
+    (:mod:`natgrad.curvature.stacked_layers`) instead of one dispatch per operation."""
+    tensors = tuple(t for t in (gates_in, weight, bias, h, c) if t is not None)
+    if has_torch_function(tensors):
+        return handle_torch_function(recurrence, tensors, mode, gates_in, weight, bias, h, c,
+                                     reverse, report)
+    steps = gates_in.shape[1]
+    per_step = gates_in.unbind(1)
+    out: list[Tensor] = [h] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        gates_h = F.linear(h, weight, bias)
+        if report is not None:
+            report(h, gates_h)
+        h, c, _, _ = cell_step(mode, per_step[t], gates_h, h, c)
+        out[t] = h
+    return torch.stack(out, 1), h, c
 
 
 def recurrent_forward(
@@ -144,7 +208,7 @@ def recurrent_forward(
             return type(self).forward(self, input, hx)
         lstm = self.mode == "LSTM"
         x = input if self.batch_first else input.transpose(0, 1)  # [B, T, d]
-        batch, steps = x.shape[:2]
+        batch = x.shape[0]
         directions = ("", "_reverse") if self.bidirectional else ("",)
         if hx is None:
             zeros = x.new_zeros(self.num_layers * len(directions), batch, self.hidden_size)
@@ -162,15 +226,12 @@ def recurrent_forward(
                 gates_in = F.linear(x, weights[0], biases[0])  # [B, T, g·H], all steps at once
                 report(f"ih_{key}", x, gates_in)
                 state = layer * len(directions) + index
-                h, c = h0[state], c0[state] if lstm else None
-                per_step = gates_in.unbind(1)
-                out: list[Tensor] = [h] * steps
-                for t in (reversed(range(steps)) if suffix else range(steps)):
-                    gates_h = F.linear(h, weights[1], biases[1])
-                    report(f"hh_{key}", h, gates_h)
-                    h, c = _cell(self.mode, per_step[t], gates_h, h, c)
-                    out[t] = h
-                outputs.append(torch.stack(out, 1))
+                out, h, c = recurrence(
+                    self.mode, gates_in, weights[1], biases[1], h0[state],
+                    c0[state] if lstm else None, bool(suffix),
+                    lambda h, gates_h, key=key: report(f"hh_{key}", h, gates_h),
+                )
+                outputs.append(out)
                 last_h.append(h)
                 last_c.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
