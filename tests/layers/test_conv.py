@@ -6,10 +6,16 @@
 * With one output location and one sample K-FAC is exact: G ⊗ A equals the layer's block of the
   true Fisher, computed from per-sample, per-class gradients (autograd on each example's
   log-likelihood, weighted by the class probabilities).
+* Transposed convolutions (1-d, 2-d, 3-d; strides, paddings, output padding, dilation, groups,
+  no bias, an ``output_size`` call): the patches of the spread input times the gradient-matrix
+  layout rebuild the layer's output; the per-class parameter gradients of PyTorch's layer have
+  the K-FAC form Σₜ δₜāₜᵀ with δₜ the gradients at its output, and A and G equal the
+  definition from those; networks with them train with KFAC's and EKFAC's defaults.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -18,7 +24,8 @@ from torch import nn
 
 import natgrad
 from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
-from natgrad.layers.conv import ConvHandler
+from natgrad.layers.capture import find_layers
+from natgrad.layers.conv import ConvHandler, ConvTransposeHandler
 
 CONFIGS = {
     "1d-plain": (nn.Conv1d, dict(in_channels=2, out_channels=3, kernel_size=3)),
@@ -242,3 +249,124 @@ def test_depthwise_networks_get_blocks_and_train(optimizer):
     losses = train_losses(opt, model, x, y, 10)
     assert opt.blocks["2"].state["input_cov"].shape == (4, 10, 10)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --- transposed convolutions: the stride-1 convolution of the spread input ---------------------
+TRANSPOSED = {  # layer type, arguments, input's spatial shape, output_size (None: the default)
+    "1d-plain": (nn.ConvTranspose1d, dict(kernel_size=3), (5,), None),
+    "1d-stride-pad-outpad": (nn.ConvTranspose1d, dict(kernel_size=3, stride=2, padding=1,
+                                                      output_padding=1), (4,), None),
+    "1d-output-size": (nn.ConvTranspose1d, dict(kernel_size=3, stride=3, padding=1), (4,),
+                       [11]),
+    "2d-stride-nobias": (nn.ConvTranspose2d, dict(kernel_size=(3, 2), stride=(2, 1),
+                                                  bias=False), (3, 4), None),
+    "2d-dilation-groups": (nn.ConvTranspose2d, dict(kernel_size=3, stride=2, padding=2,
+                                                    dilation=2, groups=2), (4, 3), None),
+    "2d-padding-beyond-reach": (nn.ConvTranspose2d, dict(kernel_size=2, padding=2), (5, 5),
+                                None),
+    "3d-stride": (nn.ConvTranspose3d, dict(kernel_size=2, stride=2), (2, 3, 2), None),
+}
+
+
+def _transposed(config):
+    layer_type, kwargs, spatial, output_size = TRANSPOSED[config]
+    torch.manual_seed(len(config))
+    conv = layer_type(4, 6, **kwargs).to(DTYPE)
+    x = torch.randn(2, 4, *spatial, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    return conv, x, output_size
+
+
+@pytest.mark.parametrize("config", list(TRANSPOSED))
+def test_transposed_patches_rebuild_the_layer(config):
+    conv, x, output_size = _transposed(config)
+    y = conv(x, output_size=output_size).detach()
+    handler = ConvTransposeHandler(conv)
+    rows = handler.input_rows(handler.call_input(x, y))  # [N·T, (g,) d]
+    params = {p: p.detach() for p in handler.params}
+    matrix = handler.gather(params)  # the weights in the gradient matrix's layout
+    rebuilt = (rows @ matrix.T if handler.groups == 1
+               else torch.einsum("tgd,god->tgo", rows, matrix).flatten(1))
+    expected = y.movedim(1, -1).reshape(-1, y.shape[1])  # [N·T, C_out]
+    assert rel_err(rebuilt, expected) <= RTOL_EXACT
+    back = handler.scatter(handler.gather({p: torch.randn_like(p) for p in handler.params}))
+    again = handler.scatter(handler.gather(back))
+    assert all(torch.equal(back[p], again[p]) for p in handler.params)
+
+
+@pytest.mark.parametrize("config", ["1d-stride-pad-outpad", "2d-dilation-groups", "3d-stride",
+                                    "1d-output-size"])
+def test_transposed_kfac_factors_against_the_definition(config):
+    """Per sample and class, X_y (autograd on PyTorch's layer) = Σₜ δₜāₜᵀ with δₜ the
+    gradient at the layer's output (autograd) and āₜ natgrad's rows; A = (1/(N·T)) Σ āāᵀ and
+    G = (1/N) Σₙ Σ_y p(y) Σₜ δₜδₜᵀ from them."""
+    conv, x, output_size = _transposed(config)
+    y_shape = conv(x, output_size=output_size).shape
+    head = nn.Linear(math.prod(y_shape[1:]), 3).to(DTYPE)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = conv, head
+
+        def forward(self, inputs):
+            return self.head(self.conv(inputs, output_size=output_size).flatten(1))
+
+    model = Model()
+    factors = natgrad.kfac_factors(model, x, likelihood="categorical")
+    handler = find_layers(model).handlers["conv"]
+    assert isinstance(handler, ConvTransposeHandler)
+    groups, sum_a, sum_g, count = handler.groups, 0, 0, 0
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        out = conv(xn, output_size=output_size)
+        rows = handler.input_rows(handler.call_input(xn, out.detach()))
+        rows = rows.unsqueeze(1) if groups == 1 else rows  # [T, g, d]
+        logp = head(out.flatten(1))[0].log_softmax(-1)
+        probs = logp.exp().detach()
+        for cls in range(3):
+            grads = torch.autograd.grad(logp[cls], [out, *handler.params], retain_graph=True)
+            deltas = grads[0].movedim(1, -1).reshape(-1, groups, out.shape[1] // groups)
+            X = handler.gather(dict(zip(handler.params, grads[1:], strict=True)))
+            X = X.unsqueeze(0) if groups == 1 else X
+            assert rel_err(torch.einsum("tgo,tgd->god", deltas, rows), X) <= RTOL_EXACT
+            sum_g = sum_g + probs[cls] * torch.einsum("tgo,tgp->gop", deltas, deltas)
+        sum_a = sum_a + torch.einsum("tgd,tge->gde", rows, rows)
+        count += rows.shape[0]
+    A, G = factors["conv"]
+    squeeze = (lambda t: t[0]) if groups == 1 else (lambda t: t)  # noqa: E731
+    assert rel_err(A, squeeze(sum_a / count)) <= RTOL_EXACT
+    assert rel_err(G, squeeze(sum_g / x.shape[0])) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])
+def test_conv_autoencoders_with_transposed_decoders_train(optimizer):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 1, 3, padding=1, groups=1),
+    ).to(DTYPE)
+    x = torch.rand(16, 1, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+        opt = getattr(natgrad, optimizer)(model, loss=nn.MSELoss(), stat_every=1)
+    assert set(opt.blocks) == {"0", "2", "4"} and opt.fallback == []
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("config", ["1d-stride-pad-outpad", "2d-stride-nobias", "3d-stride"])
+def test_transposed_projected_rows_are_the_rows_times_the_basis(config):
+    conv, x, output_size = _transposed(config)
+    handler = ConvTransposeHandler(conv)
+    recorded = handler.call_input(x, conv(x, output_size=output_size).detach())
+    rows = handler.input_rows(recorded)
+    basis = torch.randn(rows.shape[1], rows.shape[1] - 1, dtype=DTYPE,
+                        generator=torch.Generator().manual_seed(4))
+    assert rel_err(handler.projected_input_rows(recorded, basis), rows @ basis) <= RTOL_EXACT

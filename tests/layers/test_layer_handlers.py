@@ -173,10 +173,23 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class Deconv(nn.Module):
+    """A transposed convolution written with ``F.conv_transpose2d`` on its own parameters (a
+    layer type natgrad does not know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 3, 3) / 3)
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return torch.nn.functional.conv_transpose2d(x, self.weight, self.bias)
+
+
 def fallback_problem():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.ConvTranspose2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7 * 7, OUT),
+        Deconv(), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7 * 7, OUT),
         Scale(),
     ).to(DTYPE)
     inputs = torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -205,7 +218,7 @@ def test_unsupported_layer_and_custom_parameter_use_fallback_with_one_warning(op
     messages = fallback_warnings(records)
     assert len(messages) == 1, messages
     assert len([w for w in records if issubclass(w.category, RuntimeWarning)]) == 1
-    assert "0 (ConvTranspose2d is not a supported layer type" in messages[0]
+    assert "0 (Deconv is not a supported layer type" in messages[0]
     assert "4 (Scale" in messages[0]
     assert "3 (" not in messages[0]  # the Linear layer has its own block
     assert list(opt.blocks) == ["3"]

@@ -55,6 +55,12 @@ class LayerHandler:
         """Why ``module`` must use the fallback update instead (None if it is supported)."""
         return None
 
+    def call_input(self, inputs: Tensor, output: Tensor) -> Tensor:
+        """What a call of the layer records as its input, from its (detached) input and its
+        output: the input itself, unless the rows need the output's shape too (a transposed
+        convolution records its input spread and padded to the output's size)."""
+        return inputs
+
     def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
         """The block's parameter gradients as one tensor (a matrix X, or a flat vector)."""
         raise NotImplementedError

@@ -25,7 +25,7 @@ from natgrad.layers.attention import (
     attention_handlers,
 )
 from natgrad.layers.base import KroneckerHandler, LayerHandler
-from natgrad.layers.conv import CONV_TYPES, ConvHandler
+from natgrad.layers.conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvHandler, ConvTransposeHandler
 from natgrad.layers.embedding import EmbeddingHandler
 from natgrad.layers.huggingface import huggingface_handler, loss_keywords
 from natgrad.layers.linear import LinearHandler
@@ -42,6 +42,7 @@ __all__ = ["Call", "ForwardRecord", "LayerCapture", "LayerMap", "batch_inputs", 
 HANDLERS: tuple[tuple[type | tuple[type, ...], type[LayerHandler]], ...] = (
     (nn.Linear, LinearHandler),
     (CONV_TYPES, ConvHandler),
+    (CONV_TRANSPOSE_TYPES, ConvTransposeHandler),
     (nn.Embedding, EmbeddingHandler),
     (NORM_TYPES, NormHandler),
 )
@@ -220,6 +221,7 @@ class LayerCapture:
         self._on_backward = on_backward
         self._grad_hooks = grad_hooks
         self._watched = set(handlers)  # "" too when the model itself is one layer
+        self._handlers = handlers
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
         self._paused = False
@@ -281,7 +283,7 @@ class LayerCapture:
         if not (isinstance(output, Tensor) and isinstance(inputs, Tensor)
                 and name in self._watched):
             return
-        call = Call(inputs.detach(), output)
+        call = Call(self._handlers[name].call_input(inputs.detach(), output), output)
         if self._grad_hooks and output.requires_grad:
             grads = call.grads  # the hook must not reach `output` itself (see _model_hook)
             output.register_hook(lambda grad: grads.append(grad.detach()))

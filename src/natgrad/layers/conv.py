@@ -13,6 +13,15 @@ each from C_in/g input to C_out/g output channels: its block is block-diagonal w
 Kronecker product per group. Its rows carry the group axis (``[N·T, g, d]``) and its gradient
 matrix is ``[g, C_out/g, C_in/g·k₁·… (+1)]``; the factors are batched over groups.
 
+A transposed convolution (``nn.ConvTranspose1d/2d/3d``) is a stride-1 convolution of its input
+spread out by the stride (stride − 1 zeros between neighbours) and padded to the output's size
+(dilation·(k − 1) − padding on the left, the rest, output padding included, on the right), with
+the kernel flipped and its channel axes swapped, W'[o, i, k] = W[i, o, k_max − k]. Its block is
+that convolution's: ā are patches of the spread input (:meth:`ConvTransposeHandler.call_input`
+records the spread input, sized from the call's output, so ``output_size`` calls work too), the
+gradient matrix is ∇W' (``[C_out, C_in/g·k₁·…]``, bias last). The spread input costs stride^d ×
+the input's memory while a statistics step's calls are kept.
+
 Σ āāᵀ of an ungrouped convolution is formed without the rows (:meth:`ConvHandler.input_sum`):
 ``F.unfold``, its transpose to rows and a column of ones cost three copies of the N·T·C_in·k
 patches; one strided copy in a layout whose runs are contiguous, one matmul and the patches'
@@ -24,6 +33,7 @@ convolution with the eigenvectors as kernels (:meth:`ConvHandler.projected_input
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +41,10 @@ from torch import Tensor, nn
 
 from natgrad.layers.base import KroneckerHandler
 
-__all__ = ["CONV_TYPES", "ConvHandler"]
+__all__ = ["CONV_TRANSPOSE_TYPES", "CONV_TYPES", "ConvHandler", "ConvTransposeHandler"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CHANNELS_LAST = 8  # from this many input channels Σ āāᵀ cuts its patches channels-last
 
 
@@ -111,6 +122,25 @@ def _input_sum(
     return total, count
 
 
+@dataclass(frozen=True)
+class _Unpadded:
+    """The patch geometry of a stride-1 convolution without padding (what :func:`_patches`
+    and :func:`_input_sum` read of a layer): a transposed convolution's view."""
+
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return (1,) * len(self.kernel_size)
+
+    padding_mode = "zeros"
+
+    @property
+    def _reversed_padding_repeated_twice(self) -> tuple[int, ...]:
+        return (0,) * (2 * len(self.kernel_size))
+
+
 class ConvHandler(KroneckerHandler):
     """Conv1d/2d/3d; X = [∇W reshaped to ``[C_out, C_in·k₁·…]`` | ∇b], with a leading group
     axis ``[g, C_out/g, …]`` when ``groups`` = g > 1."""
@@ -125,8 +155,22 @@ class ConvHandler(KroneckerHandler):
     def groups(self) -> int:
         return self.module.groups
 
+    @property
+    def geometry(self) -> nn.Module | _Unpadded:
+        """Whose kernel, stride, dilation and padding cut the recorded input into patches."""
+        return self.module
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The weight as a convolution's, ``[C_out, C_in/g, k₁, …]``."""
+        return tuple(self.module.weight.shape)
+
+    def _convolve(self, inputs: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's convolution of ``inputs`` with other kernels (``[d, C_in, k₁, …]``)."""
+        return self.module._conv_forward(inputs, kernels, bias)
+
     def input_rows(self, inputs: Tensor) -> Tensor:
-        rows = _patches(inputs, self.module)  # [N·T, C_in·k] with channels outermost
+        rows = _patches(inputs, self.geometry)  # [N·T, C_in·k] with channels outermost
         if self.groups > 1:
             rows = rows.reshape(rows.shape[0], self.groups, -1)
         if self.has_bias:
@@ -136,17 +180,17 @@ class ConvHandler(KroneckerHandler):
     def input_sum(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int] | None:
         if self.groups > 1:
             return None
-        return _input_sum(inputs, self.module, dtype, self.has_bias)
+        return _input_sum(inputs, self.geometry, dtype, self.has_bias)
 
     def projected_input_rows(self, inputs: Tensor, basis: Tensor) -> Tensor:
         if self.groups > 1:
             return super().projected_input_rows(inputs, basis)
         # āᵀ Q at every location is the convolution of the input with Q's columns as kernels
         # (the bias row of Q as their bias): no patches
-        width = math.prod(self.module.weight.shape[1:])
-        kernels = basis[:width].T.reshape(basis.shape[1], *self.module.weight.shape[1:])
+        width = math.prod(self.kernel_shape[1:])
+        kernels = basis[:width].T.reshape(basis.shape[1], *self.kernel_shape[1:])
         bias = basis[width] if self.has_bias else None
-        out = self.module._conv_forward(inputs.to(basis.dtype), kernels, bias)
+        out = self._convolve(inputs.to(basis.dtype), kernels, bias)
         return out.movedim(1, -1).reshape(-1, basis.shape[1])
 
     def grad_rows(self, grad_outputs: Tensor) -> Tensor:
@@ -182,3 +226,65 @@ class ConvHandler(KroneckerHandler):
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         return None if module.weight.requires_grad else "its weight is frozen"
+
+
+class ConvTransposeHandler(ConvHandler):
+    """ConvTranspose1d/2d/3d as the stride-1 convolution of its spread input (module doc):
+    X = [∇W' reshaped to ``[C_out, C_in/g·k₁·…]`` | ∇b], grouped as :class:`ConvHandler`."""
+
+    module: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+
+    @property
+    def geometry(self) -> _Unpadded:
+        return _Unpadded(tuple(self.module.kernel_size), tuple(self.module.dilation))
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        m = self.module
+        return (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+
+    def _convolve(self, inputs: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[inputs.dim() - 3]
+        return conv(inputs, kernels, bias, 1, 0, self.module.dilation)
+
+    def call_input(self, inputs: Tensor, output: Tensor) -> Tensor:
+        """The input spread by the stride and padded so that its stride-1 patches are the
+        output's positions, ``[N, C_in, L₁', …]``."""
+        m = self.module
+        dims = inputs.dim() - 2
+        spread = inputs
+        if any(step > 1 for step in m.stride):
+            sizes = [(n - 1) * step + 1 for n, step in zip(inputs.shape[2:], m.stride,
+                                                           strict=True)]
+            spread = inputs.new_zeros(*inputs.shape[:2], *sizes)
+            spread[(slice(None), slice(None), *(slice(None, None, t) for t in m.stride))] = inputs
+        pads: list[int] = []
+        for axis in reversed(range(dims)):  # F.pad: the last dimension first
+            reach = m.dilation[axis] * (m.kernel_size[axis] - 1)
+            left = reach - m.padding[axis]
+            pads += [left, output.shape[2 + axis] + reach - left - spread.shape[2 + axis]]
+        return F.pad(spread, pads)
+
+    def _as_conv(self, weight: Tensor) -> Tensor:
+        """∇W ``[C_in, C_out/g, k…]`` → ∇W' ``[C_out, C_in/g·k…]`` (flipped, axes swapped)."""
+        g, k = self.groups, self.module.kernel_size
+        spatial = tuple(range(3, 3 + len(k)))
+        view = weight.reshape(g, weight.shape[0] // g, weight.shape[1], *k).transpose(1, 2)
+        return view.flip(spatial).reshape(self.module.out_channels, -1)
+
+    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
+        weight = self._as_conv(grads[self.module.weight])
+        if self.has_bias:
+            weight = torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
+        return weight if self.groups == 1 else weight.reshape(self.groups, -1, weight.shape[1])
+
+    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+        m, g = self.module, self.groups
+        matrix = matrix.reshape(m.out_channels, -1)
+        part = matrix[:, :-1] if self.has_bias else matrix
+        spatial = tuple(range(3, 3 + len(m.kernel_size)))
+        view = part.reshape(g, m.out_channels // g, m.in_channels // g, *m.kernel_size)
+        weight = view.flip(spatial).transpose(1, 2).reshape(m.weight.shape)
+        if not self.has_bias:
+            return {m.weight: weight}
+        return {m.weight: weight, m.bias: matrix[:, -1]}

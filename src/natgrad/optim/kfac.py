@@ -38,7 +38,8 @@ class KFAC(CurvatureOptimizer):
     inside the loss's backward, so the training loop is unchanged.
 
     Supported: ``nn.Linear`` (inputs of any leading shape), ``nn.Conv1d/2d/3d`` (grouped and
-    depthwise too: one Kronecker product per group), ``nn.Embedding`` (diagonal input factor),
+    depthwise too: one Kronecker product per group), ``nn.ConvTranspose1d/2d/3d`` (as the
+    stride-1 convolution of the spread input), ``nn.Embedding`` (diagonal input factor),
     ``nn.MultiheadAttention`` (its in-projection: one packed block for self-attention, one
     per q/k/v for cross-attention and kdim/vdim weights; out_proj), ``nn.RNN``/``GRU``/
     ``LSTM`` (one block for each layer's and direction's input projection and one for its
