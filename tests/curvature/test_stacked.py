@@ -178,6 +178,31 @@ def test_rules_of_several_inputs(name):
     _check(fn, *primals)
 
 
+CONVOLUTIONS = {  # function, input shape, weight shape, keyword arguments
+    "conv1d-stride-dilation": (F.conv1d, (2, 4, 9), (6, 4, 3), dict(stride=2, dilation=2)),
+    "conv2d-same": (F.conv2d, (2, 4, 5, 6), (6, 4, 3, 2), dict(padding="same")),
+    "conv2d-groups-unbatched": (F.conv2d, (4, 5, 6), (6, 2, 3, 3), dict(groups=2, padding=1)),
+    "conv3d": (F.conv3d, (2, 2, 3, 4, 3), (3, 2, 2, 2, 2), {}),
+    "conv-transpose1d": (F.conv_transpose1d, (2, 4, 5), (4, 3, 3),
+                         dict(stride=2, padding=1, output_padding=1)),
+    "conv-transpose2d-groups": (F.conv_transpose2d, (2, 4, 3, 4), (4, 3, 3, 2),
+                                dict(stride=(2, 1), groups=2, dilation=2)),
+    "conv-transpose3d-unbatched": (F.conv_transpose3d, (2, 2, 3, 2), (2, 3, 2, 2, 2),
+                                   dict(stride=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVOLUTIONS))
+def test_convolutions(name):
+    """Tangents of the input, the weight and the bias (channels from the weight's layout)."""
+    fn, x_shape, w_shape, options = CONVOLUTIONS[name]
+    transposed = "transpose" in name
+    out_channels = w_shape[1] * options.get("groups", 1) if transposed else w_shape[0]
+    _check(lambda x, w, b: fn(x, w, b, **options), _rand(*x_shape, seed=1),
+           _rand(*w_shape, seed=2), _rand(out_channels, seed=3))
+    _check(lambda x, w: fn(x, w, **options), _rand(*x_shape, seed=4), _rand(*w_shape, seed=5))
+
+
 RECURRENCES = {  # mode, gates per step, bias, reverse, initial state with tangents
     "rnn-tanh": ("RNN_TANH", 1, True, False, True),
     "rnn-relu-reverse": ("RNN_RELU", 1, True, True, True),
@@ -503,17 +528,18 @@ class _StraightThrough(nn.Module):
         return self.second(_Straight.apply(3 * self.first(x)))
 
 
-def test_one_tangent_goes_the_forward_mode_route(monkeypatch):
-    """k = 1 shares nothing: one forward-mode pass (cheaper than the stacked pass's set-up)."""
+def test_one_tangent_takes_the_stacked_pass_too(monkeypatch):
+    """k = 1 shares nothing, but the stacked pass spares the first forward-mode pass's
+    one-time set-up: no forward-mode pass, the reference's product."""
     torch.manual_seed(0)
     model = _GPT(7, 8, 2, 1, 5).to(DTYPE).eval()
     tokens = torch.randint(7, (3, 5), generator=torch.Generator().manual_seed(1))
     fmodel = FunctionalModel(model)
-    tried = []
-    monkeypatch.setattr(FunctionalModel, "jvp_stacked", lambda *a: tried.append(1))
+    calls = []
+    monkeypatch.setattr(FunctionalModel, "_jvp_forward", lambda *a: calls.append(1))
     (tangent,) = _tangents(fmodel.params, 1)
     _, (product,) = fmodel.jvp((tokens,), [tangent])
-    assert not tried and unstacked_reason(model) is None
+    assert not calls and unstacked_reason(model) is None
     assert rel_err(product, _reference(model, (tokens,), tangent)) <= RTOL_EXACT
 
 

@@ -1,8 +1,8 @@
 """Forward-mode rules written out where PyTorch's own are slow: attention, constant operands.
 
 Inside natgrad's forward-mode products (:meth:`natgrad.curvature.model.FunctionalModel.jvp`
-one tangent at a time: for one tangent, and for a model that the stacked pass of
-:mod:`natgrad.curvature.stacked` does not take) :class:`ForwardRules` sends two kinds of calls
+one tangent at a time, for a model that the stacked pass of :mod:`natgrad.curvature.stacked`
+does not take) :class:`ForwardRules` sends two kinds of calls
 through rules of its own; :func:`attention_plan` is shared with the stacked pass.
 
 Attention (``F.scaled_dot_product_attention``): PyTorch's math kernel (the only one with

@@ -296,6 +296,42 @@ def _attention(mode, func, args, kwargs):
     return tag(mode, out, tangent)
 
 
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding",
+                             "groups", "dilation")
+
+
+def _convolution(names: tuple[str, ...]) -> Rule:
+    """y = conv(x, W) + b (or a transposed convolution; ``names``: its arguments in order):
+    ẏ = conv(ẋ, W) + conv(x, Ẇ) + ḃ, the k tangents of x as k·N samples of one call, Ẇ one
+    call per tangent."""
+
+    def rule(mode, func, args, kwargs):
+        check_keywords(kwargs, names[1:], call_name(func))
+        x, weight = args[0], arg(args, kwargs, 1, "weight")
+        bias = arg(args, kwargs, 2, "bias")
+        options = {name: arg(args, kwargs, i, name) for i, name in enumerate(names) if i >= 3}
+        options = {name: value for name, value in options.items() if value is not None}
+        out = func(*args, **kwargs)
+        dx, dw = mode.tangent(x), mode.tangent(weight)
+        db = None if bias is None else mode.tangent(bias)
+        k, batched = mode.k, x.dim() == weight.dim()
+        tangent = None
+        if dx is not None:  # an unbatched input's k tangents are a batch of k
+            rows = dx.flatten(0, 1) if batched else dx
+            tangent = func(rows, weight, None, **options).view(k, *out.shape)
+        if dw is not None:
+            part = torch.stack([func(x, dw[j], None, **options) for j in range(k)])
+            tangent = part if tangent is None else tangent.add_(part)
+        if db is not None:  # [k, C_out] along the channel axis
+            spatial = out.dim() - (2 if batched else 1)
+            db = db.view(k, *((1,) if batched else ()), -1, *(1,) * spatial)
+            tangent = db if tangent is None else tangent.add_(db)
+        return tag(mode, out, tangent)
+
+    return rule
+
+
 def _recurrence(mode, func, args, kwargs):
     """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
     ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
@@ -344,4 +380,7 @@ RULES: dict[Callable, Rule] = {
     F.dropout: _dropout,
     F.scaled_dot_product_attention: _attention,
     recurrence: _recurrence,
+    **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _convolution(_CONV_ARGUMENTS)),
+    **dict.fromkeys([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
+                    _convolution(_CONV_TRANSPOSE_ARGUMENTS)),
 }
