@@ -370,3 +370,15 @@ def test_transposed_projected_rows_are_the_rows_times_the_basis(config):
     basis = torch.randn(rows.shape[1], rows.shape[1] - 1, dtype=DTYPE,
                         generator=torch.Generator().manual_seed(4))
     assert rel_err(handler.projected_input_rows(recorded, basis), rows @ basis) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("config", [c for c in TRANSPOSED if "groups" not in c])
+def test_transposed_input_sum_is_the_patches_outer_product(config):
+    """Σ āāᵀ by phases of the stride (the spread input's zeros skipped) against the rows."""
+    conv, x, output_size = _transposed(config)
+    handler = ConvTransposeHandler(conv)
+    recorded = handler.call_input(x, conv(x, output_size=output_size).detach()).float()
+    total, count = handler.input_sum(recorded, DTYPE)  # a float32 input summed in float64
+    rows = handler.input_rows(recorded.to(DTYPE))
+    assert total.dtype == DTYPE and count == rows.shape[0]
+    assert rel_err(total, rows.T @ rows) <= RTOL_EXACT

@@ -32,6 +32,7 @@ convolution with the eigenvectors as kernels (:meth:`ConvHandler.projected_input
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -264,6 +265,56 @@ class ConvTransposeHandler(ConvHandler):
             left = reach - m.padding[axis]
             pads += [left, output.shape[2 + axis] + reach - left - spread.shape[2 + axis]]
         return F.pad(spread, pads)
+
+    def input_sum(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int] | None:
+        if self.groups > 1:
+            return None
+        if all(step == 1 for step in self.module.stride):
+            return _input_sum(inputs, self.geometry, dtype, self.has_bias)
+        return self._phase_input_sum(inputs, dtype)
+
+    def _phase_input_sum(self, spread: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Σ āāᵀ over the patches of the spread input without its zeros: the output positions
+        of one phase (their index modulo the stride) read the input only through the kernel
+        taps j with (phase + j·dilation − left) ≡ 0 modulo the stride, so each phase is a
+        dense sum over its positions and taps, added into A at those taps' entries (about
+        stride^d times fewer products and copies than the patches)."""
+        m = self.module
+        dims, channels = spread.dim() - 2, spread.shape[1]
+        windows = _windows(spread.to(dtype), self.geometry, 2)  # [N, C, T…, k…], a view
+        size = channels * math.prod(m.kernel_size)
+        columns = torch.arange(size, device=spread.device).view(channels, *m.kernel_size)
+        weight_part = spread.new_zeros(size, size, dtype=dtype)
+        patch_sum = spread.new_zeros(size, dtype=dtype)
+        order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+        for phase in itertools.product(*(range(step) for step in m.stride)):
+            taps = [
+                torch.tensor([j for j in range(k) if (f + j * d - (d * (k - 1) - p)) % s == 0],
+                             dtype=torch.long, device=spread.device)
+                for f, k, d, p, s in zip(phase, m.kernel_size, m.dilation, m.padding,
+                                         m.stride, strict=True)
+            ]
+            if any(t.numel() == 0 for t in taps):  # its positions read only zeros
+                continue
+            part = windows[(slice(None), slice(None),
+                            *(slice(f, None, s) for f, s in zip(phase, m.stride, strict=True)))]
+            cols = columns
+            for axis, t in enumerate(taps):
+                part = part.index_select(2 + dims + axis, t)
+                cols = cols.index_select(1 + axis, t)
+            rows = part.permute(order).reshape(-1, cols.numel())
+            cols = cols.reshape(-1)
+            weight_part[cols.unsqueeze(1), cols] += rows.T @ rows
+            patch_sum[cols] += rows.sum(0)
+        count = spread.shape[0] * math.prod(windows.shape[2:2 + dims])  # every position
+        if not self.has_bias:
+            return weight_part, count
+        total = weight_part.new_empty(size + 1, size + 1)
+        total[:size, :size] = weight_part
+        total[:size, size] = patch_sum
+        total[size, :size] = patch_sum
+        total[size, size] = count
+        return total, count
 
     def _as_conv(self, weight: Tensor) -> Tensor:
         """∇W ``[C_in, C_out/g, k…]`` → ∇W' ``[C_out, C_in/g·k…]`` (flipped, axes swapped)."""
