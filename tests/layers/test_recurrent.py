@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import natgrad
 from conftest import DTYPE, RTOL_EXACT, rel_err, train_losses
-from natgrad.curvature.model import FunctionalModel, unstacked_reason
+from natgrad.curvature.model import FunctionalModel, mark_unstacked, unstacked_reason
 from natgrad.layers.capture import LayerCapture, find_layers
 
 D, H, T, B, C = 5, 4, 4, 3, 3
@@ -97,6 +97,34 @@ def test_natgrads_forward_equals_pytorchs(cell, batch_first, bidirectional):
     for g, e in zip(got, expected, strict=True):
         assert _max_diff(g[0], e[0]) <= RTOL_EXACT
         assert _max_diff(g[1], e[1]) <= RTOL_EXACT
+
+
+def test_calls_that_record_nothing_run_pytorchs_kernel(monkeypatch):
+    """Between statistics steps, without gradients and while natgrad evaluates the loss
+    itself, the layer runs PyTorch's fused forward (the same outputs)."""
+    torch.manual_seed(0)
+    model = Classifier("lstm", bidirectional=True).to(DTYPE)
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    expected = model(x)
+    kernels = _spy_on_pytorchs_forward(model.rnn, monkeypatch)
+    with LayerCapture(model, find_layers(model).handlers) as capture:
+        assert rel_err(model(x), expected) <= RTOL_EXACT and not kernels  # recording: unrolled
+        capture.gathering = False
+        assert rel_err(model(x), expected) <= RTOL_EXACT
+        capture.gathering = True
+        with torch.no_grad():
+            model(x)
+        with capture.paused():
+            model(x)
+    assert len(kernels) == 3
+
+
+def _spy_on_pytorchs_forward(rnn, monkeypatch):
+    """The list that each call of PyTorch's own forward of ``rnn``'s class appends to."""
+    calls, original = [], type(rnn).forward
+    monkeypatch.setattr(type(rnn), "forward",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
 
 
 def test_each_projection_is_reported_once_per_forward_and_once_per_step():
@@ -229,8 +257,12 @@ class Tagger(nn.Module):
 
 
 # --- the quadratic model's products -------------------------------------------------------------
+@pytest.mark.parametrize("route", ["stacked", "forward-mode"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_products_through_a_watched_layer_take_the_stacked_pass(cell, monkeypatch):
+def test_products_through_a_watched_layer(cell, route, monkeypatch):
+    """Stacked (one rule per layer and direction) or, for a model the stacked pass does not
+    take, by forward-mode AD through the unrolled recurrence; both against forward-mode AD
+    through PyTorch's own layer."""
     torch.manual_seed(1)
     model = Tagger(cell, dropout=0.0).to(DTYPE)
     fused = copy.deepcopy(model)  # not watched: PyTorch's kernel
@@ -240,10 +272,13 @@ def test_products_through_a_watched_layer_take_the_stacked_pass(cell, monkeypatc
         fmodel = FunctionalModel(model)
         tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in fmodel.params]
                     for _ in range(2)]
-        calls = []
-        monkeypatch.setattr(FunctionalModel, "_jvp_forward", lambda *a: calls.append(1))
+        kernels = _spy_on_pytorchs_forward(model.rnn, monkeypatch)
+        if route == "forward-mode":
+            mark_unstacked(model, "the test asks for forward-mode AD")
         outputs, products = fmodel.jvp((tokens,), tangents)
-    assert not calls and unstacked_reason(model) is None
+        monkeypatch.undo()
+    assert not kernels  # the unrolled recurrence
+    assert (unstacked_reason(model) is None) == (route == "stacked")
     names = [n for n, p in fused.named_parameters()]
 
     def function(*params):

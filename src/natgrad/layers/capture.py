@@ -257,7 +257,7 @@ class LayerCapture:
             self._patched.append(mha)
         for rnn, keys in recurrent.values():  # reports its projections (layers/recurrent.py)
             rnn.forward = recurrent_forward(  # type: ignore[method-assign]
-                rnn, self._record_call, keys
+                rnn, self._record_call, keys, self._recording
             )
             self._patched.append(rnn)
         if trace:
@@ -275,10 +275,14 @@ class LayerCapture:
 
         return hook
 
+    def _recording(self) -> bool:
+        """Whether a layer call now would be recorded (a statistics step's forward)."""
+        return self.gathering and not self._paused and torch.is_grad_enabled()
+
     @torch.compiler.disable(reason=_EAGER)  # MultiheadAttention's, RNNs' forwards call it
     def _record_call(self, name: str, inputs: Tensor, output: Tensor) -> None:
         """One call of the layer ``name``: its input and its output (with its graph)."""
-        if not (self.gathering and not self._paused and torch.is_grad_enabled()):
+        if not self._recording():
             return
         if not (isinstance(output, Tensor) and isinstance(inputs, Tensor)
                 and name in self._watched):
