@@ -220,8 +220,7 @@ class LayerCapture:
         self._output_fn = output_fn
         self._on_backward = on_backward
         self._grad_hooks = grad_hooks
-        self._watched = set(handlers)  # "" too when the model itself is one layer
-        self._handlers = handlers
+        self._handlers = handlers  # "" too when the model itself is one layer
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
         self._paused = False
@@ -285,7 +284,7 @@ class LayerCapture:
         if not self._recording():
             return
         if not (isinstance(output, Tensor) and isinstance(inputs, Tensor)
-                and name in self._watched):
+                and name in self._handlers):
             return
         call = Call(self._handlers[name].call_input(inputs.detach(), output), output)
         if self._grad_hooks and output.requires_grad:
