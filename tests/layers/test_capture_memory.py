@@ -91,3 +91,17 @@ def test_a_replaced_optimizer_leaves_no_hooks_and_draws_no_labels(name):
         opt.step()
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_capture_removed_during_a_forward_is_not_called():
+    """A dropped optimizer's finalizer can run inside another forward of its model (a garbage
+    collection there): PyTorch still calls the hooks of that call's snapshot, the removed
+    capture's model hook without the keyword arguments it was registered with. It must do
+    nothing, not fail."""
+    from natgrad.layers.capture import LayerCapture, find_layers
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    capture = LayerCapture(model, find_layers(model).handlers)
+    model.register_forward_hook(lambda *args: capture.remove(), prepend=True)
+    model(torch.randn(5, 4, requires_grad=True))
+    assert capture.records == []

@@ -3,9 +3,11 @@
 * While natgrad watches a recurrent layer, the module runs natgrad's unrolled forward: the
   same outputs and final states as PyTorch's fused kernel (float64), for every cell type,
   batch_first or not, one or two directions, two layers, with and without an initial state;
-  PyTorch's forward comes back after, runs every call natgrad does not take over (a
-  PackedSequence), and runs a deep copy's calls.
-* K-FAC's factors of every projection equal the definition (K-FAC-expand over time steps):
+  packed sequences of several lengths too; PyTorch's forward comes back after, runs every
+  call natgrad does not take over (unbatched inputs) or that records nothing, and runs a deep
+  copy's calls.
+* K-FAC's factors of every projection equal the definition (K-FAC-expand over time steps,
+  over the steps that exist for packed sequences):
   A = (1/(N·T)) Σ āāᵀ over the steps' inputs, G = (1/N) Σₙ E_y[Σₜ δₜδₜᵀ], with each step's δₜ
   recovered from per-class gradients of PyTorch's own (fused) layer: X_y = Σₜ δₜ āₜᵀ.
 * The quadratic model's Jacobian-vector products through a watched recurrent model take the
@@ -127,6 +129,29 @@ def _spy_on_pytorchs_forward(rnn, monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_natgrads_forward_of_packed_sequences_equals_pytorchs(cell, bidirectional, monkeypatch):
+    """Unsorted lengths, two layers, with and without an initial state: the packed output
+    (data, batch sizes, sort order) and the final states."""
+    torch.manual_seed(0)
+    rnn = CELLS[cell](num_layers=2, batch_first=True, bidirectional=bidirectional).to(DTYPE)
+    model = nn.Sequential(rnn)
+    x = torch.randn(B, T + 2, D, dtype=DTYPE)
+    packed = pack_padded_sequence(x, [4, 6, 2], batch_first=True, enforce_sorted=False)
+    hx = _initial_state(rnn, B)
+    expected = [rnn(packed), rnn(packed, hx)]
+    kernels = _spy_on_pytorchs_forward(rnn, monkeypatch)
+    with LayerCapture(model, find_layers(model).handlers):
+        got = [rnn(packed), rnn(packed, hx)]
+    assert not kernels
+    for (out, final), (out_e, final_e) in zip(got, expected, strict=True):
+        assert rel_err(out.data, out_e.data) <= RTOL_EXACT
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            assert torch.equal(getattr(out, field), getattr(out_e, field))
+        assert _max_diff(final, final_e) <= RTOL_EXACT
+
+
 def test_each_projection_is_reported_once_per_forward_and_once_per_step():
     torch.manual_seed(0)
     model = Classifier("gru", bidirectional=True).to(DTYPE)
@@ -146,8 +171,8 @@ def test_each_projection_is_reported_once_per_forward_and_once_per_step():
 def test_calls_natgrad_does_not_take_over_run_pytorchs_forward_and_are_named():
     torch.manual_seed(0)
     model = Classifier("lstm").to(DTYPE)
-    model.forward = lambda x: model.head(  # a PackedSequence input
-        model.rnn(pack_padded_sequence(x, [T] * B, batch_first=True))[1][0][-1])
+    model.forward = lambda x: model.head(torch.stack(  # unbatched inputs, one per sequence
+        [model.rnn(sequence)[0][-1] for sequence in x]))
     x = torch.randn(B, T, D, dtype=DTYPE)
     expected = model(x)
     opt = natgrad.KFAC(model, loss=nn.CrossEntropyLoss(), stat_every=1)
@@ -193,7 +218,8 @@ def _step_inputs(model, x):
         rows[f"rnn.ih_l0{suffix}"] = x[0]
         rows[f"rnn.hh_l0{suffix}"] = states
     if rnn.bias:
-        rows = {n: torch.cat([r, torch.ones(T, 1, dtype=DTYPE)], 1) for n, r in rows.items()}
+        ones = torch.ones(x.shape[1], 1, dtype=DTYPE)
+        rows = {n: torch.cat([r, ones], 1) for n, r in rows.items()}
     return rows
 
 
@@ -240,6 +266,59 @@ def test_kfac_factors_of_every_projection_equal_the_definition(cell, bidirection
         assert rel_err(G, expected[name][1] / x.shape[0]) <= RTOL_EXACT, name
 
 
+class PackedClassifier(nn.Module):
+    """Sequences of ``lengths`` packed into a recurrent layer, a linear head on the final
+    states (both directions): logits ``[B, C]``."""
+
+    def __init__(self, cell: str, bidirectional: bool, lengths: list[int]) -> None:
+        super().__init__()
+        self.rnn = CELLS[cell](batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(H * (2 if bidirectional else 1), C)
+        self.lengths, self.initial = lengths, None
+
+    def forward(self, x):
+        packed = pack_padded_sequence(x, self.lengths, batch_first=True, enforce_sorted=False)
+        final = self.rnn(packed)[1]
+        final = final[0] if isinstance(final, tuple) else final  # [directions, B, H]
+        return self.head(final.transpose(0, 1).flatten(1))
+
+
+@pytest.mark.parametrize("cell,bidirectional", [("gru", True), ("lstm", True),
+                                                ("rnn-tanh", False)])
+def test_kfac_factors_of_packed_sequences_equal_the_definition(cell, bidirectional):
+    """Sequences of lengths 4, 2 and 3: A over the steps that exist, G over the samples; the
+    per-step δ recovered as above from PyTorch's layer run on each sequence alone."""
+    torch.manual_seed(5)
+    lengths = [4, 2, 3]
+    model = PackedClassifier(cell, bidirectional, lengths).to(DTYPE)
+    x = torch.randn(3, T, D, dtype=DTYPE)
+    factors = natgrad.kfac_factors(model, x, likelihood="categorical")
+    expected: dict[str, list] = {}
+    for sample, length in enumerate(lengths):
+        xs = x[sample:sample + 1, :length]
+        model.lengths = [length]
+        rows = _step_inputs(model, xs)
+        logp = model(xs)[0].log_softmax(-1)
+        probs = logp.exp().detach()
+        for name, rows_in in rows.items():
+            key = name.split(".")[1]
+            params = [getattr(model.rnn, f"weight_{key}"), getattr(model.rnn, f"bias_{key}")]
+            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)
+            sums = expected.setdefault(name, [0, 0])
+            sums[0] = sums[0] + rows_in.T @ rows_in
+            for y in range(C):
+                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
+                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1)
+                deltas = X @ solve
+                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name
+                sums[1] = sums[1] + probs[y] * deltas @ deltas.T
+    assert set(factors) == set(expected) | {"head"}
+    for name, (sum_a, sum_g) in expected.items():
+        A, G = factors[name]
+        assert rel_err(A, sum_a / sum(lengths)) <= RTOL_EXACT, name
+        assert rel_err(G, sum_g / len(lengths)) <= RTOL_EXACT, name
+
+
 # --- the optimizers train -----------------------------------------------------------------------
 class Tagger(nn.Module):
     """Tokens → Embedding → a two-layer bidirectional recurrent layer (dropout between) →
@@ -257,16 +336,21 @@ class Tagger(nn.Module):
 
 
 # --- the quadratic model's products -------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("route", ["stacked", "forward-mode"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_products_through_a_watched_layer(cell, route, monkeypatch):
+def test_products_through_a_watched_layer(cell, route, packed, monkeypatch):
     """Stacked (one rule per layer and direction) or, for a model the stacked pass does not
     take, by forward-mode AD through the unrolled recurrence; both against forward-mode AD
-    through PyTorch's own layer."""
+    through PyTorch's own layer. Packed: sequences of lengths 4, 2, 3 (the final states)."""
     torch.manual_seed(1)
-    model = Tagger(cell, dropout=0.0).to(DTYPE)
+    if packed:
+        model = PackedClassifier(cell, True, [4, 2, 3]).to(DTYPE)
+        tokens = torch.randn(3, T, D, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    else:
+        model = Tagger(cell, dropout=0.0).to(DTYPE)
+        tokens = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
     fused = copy.deepcopy(model)  # not watched: PyTorch's kernel
-    tokens = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(3)
     with LayerCapture(model, find_layers(model).handlers):
         fmodel = FunctionalModel(model)
@@ -290,6 +374,19 @@ def test_products_through_a_watched_layer(cell, route, monkeypatch):
     for tangent, product in zip(tangents, products, strict=True):
         expected = torch.autograd.functional.jvp(function, params, tuple(tangent))[1]
         assert rel_err(product, expected) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])
+def test_packed_sequences_train(optimizer):
+    torch.manual_seed(0)
+    model = PackedClassifier("lstm", True, [6, 2, 5, 3, 6, 1]).to(DTYPE)
+    x = torch.randn(6, 6, D, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback, no uncalled layer
+        opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+        losses = train_losses(opt, model, x, torch.arange(6) % C, 10)
+    assert opt.fallback == [] and all(b.refreshed for b in opt.blocks.values())
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])

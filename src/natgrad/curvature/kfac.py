@@ -71,14 +71,18 @@ class FactorSums:
 
     def add_inputs(
         self, handler: KroneckerHandler, inputs: Tensor, dtype: torch.dtype,
-        valid: Tensor | None = None, reduce: bool = False,
+        valid: Tensor | None = None, reduce: bool = False, own: Tensor | None = None,
     ) -> None:
         """Add Σ āāᵀ over the input's rows; with ``valid`` (``[N, ...]`` bool, the positions
-        the loss counts) only over valid rows, where the rows are those positions. With
+        the loss counts) only over valid rows, where the rows are those positions; with
+        ``own`` (the call's own mask of its rows' positions, ``[N, ...]``: a recurrent layer's
+        steps beyond a packed sequence's end) only over those, whatever the loss counts. With
         ``reduce`` each sample contributes one row, the mean of its (valid) positions' rows
         (K-FAC-reduce; a diagonal input factor always expands)."""
         keep = None
-        if valid is not None and handler.positions(inputs) == tuple(valid.shape):
+        if own is not None:
+            keep = own.reshape(-1)
+        elif valid is not None and handler.positions(inputs) == tuple(valid.shape):
             keep = valid.reshape(-1)
         if handler.diagonal_input:
             indices = inputs.reshape(-1) if keep is None else inputs.reshape(-1)[keep]
@@ -147,7 +151,7 @@ def record_sums(
     for call in calls:
         if isinstance(handler, KroneckerHandler):
             reduce_here = reduce and not handler.diagonal_input
-            sums.add_inputs(handler, call.inputs, dtype, valid, reduce_here)
+            sums.add_inputs(handler, call.inputs, dtype, valid, reduce_here, call.valid)
             samples = call.inputs.shape[0] if reduce_here else None
             for grad, weight in zip(call.grads, weights, strict=True):
                 sums.add_grads(handler.grad_rows(grad).to(dtype), weight, samples)

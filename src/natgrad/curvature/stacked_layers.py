@@ -30,7 +30,7 @@ from natgrad.curvature.stacked_rules import (
     slope,
     tag,
 )
-from natgrad.layers.recurrent import cell_step, recurrence
+from natgrad.layers.recurrent import cell_step, masked_step, recurrence
 
 __all__ = ["RULES"]
 
@@ -338,6 +338,7 @@ def _recurrence(mode, func, args, kwargs):
     dispatch for the loop instead of one per operation and step."""
     check_keywords(kwargs, (), "recurrence")
     cell, gates_in, weight, bias, h, c, reverse = args[:7]
+    mask = args[7] if len(args) > 7 else None
     k = mode.k
     zeros = lambda x: x.new_zeros(k, *x.shape)  # noqa: E731
     d_in = mode.tangent(gates_in)
@@ -358,8 +359,10 @@ def _recurrence(mode, func, args, kwargs):
             d_h = d_h.baddbmm_(h.expand(k, *h.shape), dw.mT)
         if db is not None:
             d_h = d_h + db.unsqueeze(1)
-        h, c, dh, dc = cell_step(cell, per_step[t], gates_h, h, c, (d_per_step[t], d_h, dh, dc))
-        out[t], d_out[t] = h, dh
+        new_h, new_c, new_dh, new_dc = cell_step(cell, per_step[t], gates_h, h, c,
+                                                 (d_per_step[t], d_h, dh, dc))
+        h, c, out[t] = masked_step(mask, t, (new_h, new_c), (h, c))
+        dh, dc, d_out[t] = masked_step(mask, t, (new_dh, new_dc), (dh, dc))
     outputs = tag(mode, torch.stack(out, 1), torch.stack(d_out, 2))
     return outputs, tag(mode, h, dh), None if c is None else tag(mode, c, dc)
 

@@ -169,6 +169,7 @@ class Call:
     inputs: Tensor
     output: Tensor | None
     grads: list[Tensor] = field(default_factory=list)
+    valid: Tensor | None = None  # which of its rows' positions are real (packed sequences)
 
 
 @dataclass
@@ -221,6 +222,7 @@ class LayerCapture:
         self._on_backward = on_backward
         self._grad_hooks = grad_hooks
         self._handlers = handlers  # "" too when the model itself is one layer
+        self._removed = False
         self._current: dict[str, list[Call]] = {}
         self._in_backward = False
         self._paused = False
@@ -230,7 +232,7 @@ class LayerCapture:
         # copy.deepcopy(model) copies them by reference (not this capture and its pending
         # forwards), and a copy's forwards are not reported to this capture
         self._handles = [
-            model.register_forward_hook(_for(model, self._model_hook),
+            model.register_forward_hook(_for(model, self._model_hook, self._live),
                                         with_kwargs=True)
         ]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
@@ -245,7 +247,7 @@ class LayerCapture:
                 keys[handler.key] = name
                 continue
             self._handles.append(handler.module.register_forward_hook(
-                _for(handler.module, self._layer_hook(name)),
+                _for(handler.module, self._layer_hook(name), self._live),
                 prepend=True,  # before the model's hook when the model itself is the layer
             ))
         self._patched: list[nn.Module] = []
@@ -261,7 +263,8 @@ class LayerCapture:
             self._patched.append(rnn)
         if trace:
             for child in model.children():
-                self._handles.append(child.register_forward_hook(_for(child, self._trace_hook)))
+                self._handles.append(child.register_forward_hook(
+                    _for(child, self._trace_hook, self._live)))
 
     def _trace_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         if not self._paused and torch.is_grad_enabled():
@@ -279,14 +282,18 @@ class LayerCapture:
         return self.gathering and not self._paused and torch.is_grad_enabled()
 
     @torch.compiler.disable(reason=_EAGER)  # MultiheadAttention's, RNNs' forwards call it
-    def _record_call(self, name: str, inputs: Tensor, output: Tensor) -> None:
-        """One call of the layer ``name``: its input and its output (with its graph)."""
+    def _record_call(
+        self, name: str, inputs: Tensor, output: Tensor, valid: Tensor | None = None
+    ) -> None:
+        """One call of the layer ``name``: its input and its output (with its graph); ``valid``
+        marks the input rows' positions that exist (None: all)."""
         if not self._recording():
             return
         if not (isinstance(output, Tensor) and isinstance(inputs, Tensor)
                 and name in self._handlers):
             return
-        call = Call(self._handlers[name].call_input(inputs.detach(), output), output)
+        call = Call(self._handlers[name].call_input(inputs.detach(), output), output,
+                    valid=valid)
         if self._grad_hooks and output.requires_grad:
             grads = call.grads  # the hook must not reach `output` itself (see _model_hook)
             output.register_hook(lambda grad: grads.append(grad.detach()))
@@ -371,7 +378,11 @@ class LayerCapture:
         finally:
             self._paused = False
 
+    def _live(self) -> bool:
+        return not self._removed
+
     def remove(self) -> None:
+        self._removed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -387,9 +398,16 @@ class LayerCapture:
         self.remove()
 
 
-def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored);
-    registered ``with_kwargs=True`` it also receives the call's keyword arguments.
+def _for(
+    module: nn.Module, hook: Callable[..., None], live: Callable[[], bool]
+) -> Callable[..., None]:
+    """``hook`` as a forward hook of ``module`` only (a deep copy's calls are ignored) while
+    ``live()``; registered ``with_kwargs=True`` it also receives the call's keyword arguments.
+
+    A capture removed during a call of the module (a dropped optimizer's finalizer, run by a
+    garbage collection inside the forward) is still in the call's snapshot of the module's
+    hooks, and PyTorch calls it as if it had been registered without keyword arguments: off
+    once removed, it does nothing.
 
     Under ``torch.compile`` the hook runs eagerly, between the compiled pieces of the
     forward (a graph break at each watched layer): it records real tensors and registers
@@ -398,7 +416,7 @@ def _for(module: nn.Module, hook: Callable[..., None]) -> Callable[..., None]:
     target = weakref.ref(module)
 
     def forward_hook(called: nn.Module, *arguments: Any) -> None:
-        if called is target():
+        if called is target() and live():
             hook(called, *arguments)
 
     return torch.compiler.disable(forward_hook, reason=_EAGER)

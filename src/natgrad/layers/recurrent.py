@@ -23,9 +23,10 @@ the loss ignores (a step's input still shapes the later states). With ``kfac_app
 the input projection's steps are reduced; the recurrent projection's steps, being separate
 calls, are expanded.
 
-Supported calls: a batched input (``[B, T, d]`` with ``batch_first``, else ``[T, B, d]``),
-with or without an initial state. Any other call (an unbatched input, a ``PackedSequence``)
-runs PyTorch's forward; its blocks then see no call and natgrad warns. LSTMs with
+Supported calls: a batched input (``[B, T, d]`` with ``batch_first``, else ``[T, B, d]``) or
+a ``PackedSequence`` (sequences of several lengths: the steps beyond a sequence's end are
+masked, their rows left out of A), with or without an initial state. Any other call (an
+unbatched input) runs PyTorch's forward; its blocks then see no call and natgrad warns. LSTMs with
 ``proj_size`` have no blocks (their parameters take the fallback).
 """
 
@@ -40,6 +41,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.overrides import handle_torch_function, has_torch_function
 
 from natgrad.layers.base import LayerHandler
@@ -49,13 +51,14 @@ __all__ = [
     "RECURRENT_TYPES",
     "RecurrentHandler",
     "cell_step",
+    "masked_step",
     "recurrence",
     "recurrent_forward",
     "recurrent_handlers",
 ]
 
 RECURRENT_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
-Record = Callable[[str, Tensor, Tensor], None]
+Record = Callable[[str, Tensor, Tensor, Tensor | None], None]
 
 
 class RecurrentHandler(LinearHandler):
@@ -105,14 +108,19 @@ def recurrent_handlers(
 
 def _supported(rnn: nn.RNNBase, x: Any, hx: Any) -> bool:
     """Whether natgrad's forward takes the call (PyTorch's forward raises its own errors)."""
-    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != rnn.input_size:
+    if isinstance(x, PackedSequence):
+        if x.data.dim() != 2 or x.data.shape[-1] != rnn.input_size:
+            return False
+        batch = int(x.batch_sizes[0])
+    elif not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != rnn.input_size:
         return False
+    else:
+        batch = x.shape[0 if rnn.batch_first else 1]
     if hx is None:
         return True
     states = hx if isinstance(hx, tuple) else (hx,)
     if len(states) != (2 if rnn.mode == "LSTM" else 1):
         return False
-    batch = x.shape[0 if rnn.batch_first else 1]
     shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
     return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
 
@@ -164,13 +172,16 @@ def cell_step(
 
 def recurrence(
     mode: str, gates_in: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor,
-    c: Tensor | None, reverse: bool, report: Callable[[Tensor, Tensor], None] | None = None,
+    c: Tensor | None, reverse: bool, mask: Tensor | None = None,
+    report: Callable[[Tensor, Tensor, Tensor | None], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction of a recurrent layer over its input projection ``gates_in``
     (``[B, T, g·H]``) with the recurrent weight ``[g·H, H]`` and bias ``[g·H]``, from the
-    state h (and c) ``[B, H]``, the steps in reverse order if ``reverse``. Returns the outputs
-    ``[B, T, H]`` and the last h and c; ``report(h, W h + b)`` sees every step's recurrent
-    projection.
+    state h (and c) ``[B, H]``, the steps in reverse order if ``reverse``. ``mask``
+    (``[B, T]`` bool, None: all) marks the steps that exist (sequences of several lengths):
+    elsewhere the state passes unchanged and the output is 0, as PyTorch's packed sequences
+    have it. Returns the outputs ``[B, T, H]`` and the last h and c; ``report(h, W h + b,
+    mask of the step)`` sees every step's recurrent projection.
 
     A torch function (it takes part in ``__torch_function__``): natgrad's stacked
     Jacobian-vector products give it one rule for the whole loop
@@ -178,17 +189,32 @@ def recurrence(
     tensors = tuple(t for t in (gates_in, weight, bias, h, c) if t is not None)
     if has_torch_function(tensors):
         return handle_torch_function(recurrence, tensors, mode, gates_in, weight, bias, h, c,
-                                     reverse, report)
+                                     reverse, mask, report)
     steps = gates_in.shape[1]
     per_step = gates_in.unbind(1)
     out: list[Tensor] = [h] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         gates_h = F.linear(h, weight, bias)
         if report is not None:
-            report(h, gates_h)
-        h, c, _, _ = cell_step(mode, per_step[t], gates_h, h, c)
-        out[t] = h
+            report(h, gates_h, None if mask is None else mask[:, t])
+        new_h, new_c, _, _ = cell_step(mode, per_step[t], gates_h, h, c)
+        h, c, out[t] = masked_step(mask, t, (new_h, new_c), (h, c))
     return torch.stack(out, 1), h, c
+
+
+def masked_step(
+    mask: Tensor | None, t: int, new: tuple[Tensor, Tensor | None],
+    old: tuple[Tensor, Tensor | None],
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The state (h, c) after step ``t`` and its output, where ``mask[:, t]`` says which rows
+    took the step (the others keep ``old`` and output 0); works on stacked tangents
+    ``[k, B, H]`` too."""
+    if mask is None:
+        return new[0], new[1], new[0]
+    took = mask[:, t, None]
+    h = torch.where(took, new[0], old[0])
+    c = None if new[1] is None else torch.where(took, new[1], old[1])
+    return h, c, torch.where(took, new[0], 0.0)
 
 
 def _differentiated(rnn: nn.RNNBase) -> bool:
@@ -213,16 +239,23 @@ def recurrent_forward(
     rounding, 1.5-2× faster."""
     target = weakref.ref(rnn)
 
-    def report(key: str, inputs: Tensor, output: Tensor) -> None:
+    def report(key: str, inputs: Tensor, output: Tensor, valid: Tensor | None) -> None:
         if key in names:  # (a block the optimizer holds)
-            record(names[key], inputs, output)
+            record(names[key], inputs, output, valid)
 
     def forward(self: nn.RNNBase, input: Any, hx: Any = None) -> tuple[Tensor, Any]:  # noqa: A002
         if (self is not target() or not _supported(self, input, hx)
                 or not (recording() or _differentiated(self))):
             return type(self).forward(self, input, hx)
         lstm = self.mode == "LSTM"
-        x = input if self.batch_first else input.transpose(0, 1)  # [B, T, d]
+        packed = isinstance(input, PackedSequence)
+        mask = None
+        if packed:  # padded [B, T, d] in the caller's order, the steps of each sequence
+            x, lengths = pad_packed_sequence(input, batch_first=True)
+            mask = torch.arange(x.shape[1]) < lengths.unsqueeze(1)
+            mask = mask.to(x.device)
+        else:
+            x = input if self.batch_first else input.transpose(0, 1)  # [B, T, d]
         batch = x.shape[0]
         directions = ("", "_reverse") if self.bidirectional else ("",)
         if hx is None:
@@ -239,12 +272,12 @@ def recurrent_forward(
                 biases = ([getattr(self, f"bias_{k}_{key}") for k in ("ih", "hh")]
                           if self.bias else [None, None])
                 gates_in = F.linear(x, weights[0], biases[0])  # [B, T, g·H], all steps at once
-                report(f"ih_{key}", x, gates_in)
+                report(f"ih_{key}", x, gates_in, mask)
                 state = layer * len(directions) + index
                 out, h, c = recurrence(
                     self.mode, gates_in, weights[1], biases[1], h0[state],
-                    c0[state] if lstm else None, bool(suffix),
-                    lambda h, gates_h, key=key: report(f"hh_{key}", h, gates_h),
+                    c0[state] if lstm else None, bool(suffix), mask,
+                    lambda h, gates_h, valid, key=key: report(f"hh_{key}", h, gates_h, valid),
                 )
                 outputs.append(out)
                 last_h.append(h)
@@ -252,7 +285,15 @@ def recurrent_forward(
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        output = x if self.batch_first else x.transpose(0, 1)
+        if packed:  # PyTorch's packed output: every step's rows in the input's sorted order
+            ordered = x if input.sorted_indices is None else x[input.sorted_indices]
+            output = PackedSequence(
+                torch.cat([ordered[:size, t] for t, size in
+                           enumerate(input.batch_sizes.tolist())]),
+                input.batch_sizes, input.sorted_indices, input.unsorted_indices,
+            )
+        else:
+            output = x if self.batch_first else x.transpose(0, 1)
         h_n = torch.stack(last_h)
         return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
 
