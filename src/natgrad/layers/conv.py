@@ -113,14 +113,18 @@ def _input_sum(
         swap = (rows.T @ rows).reshape(kernel, channels, kernel, channels)
         weight_part = swap.permute(1, 0, 3, 2).reshape(size, size)
         patch_sum, count = rows.sum(0).reshape(kernel, channels).T.reshape(-1), rows.shape[0]
-    if not bias:
-        return weight_part, count
+    return _with_bias(weight_part, patch_sum, count) if bias else weight_part, count
+
+
+def _with_bias(weight_part: Tensor, patch_sum: Tensor, count: int) -> Tensor:
+    """Σ āāᵀ with the bias entry last, from the weight's part, the patches' sum and count."""
+    size = weight_part.shape[0]
     total = weight_part.new_empty(size + 1, size + 1)
     total[:size, :size] = weight_part
     total[:size, size] = patch_sum
     total[size, :size] = patch_sum
     total[size, size] = count
-    return total, count
+    return total
 
 
 @dataclass(frozen=True)
@@ -307,14 +311,8 @@ class ConvTransposeHandler(ConvHandler):
             weight_part[cols.unsqueeze(1), cols] += rows.T @ rows
             patch_sum[cols] += rows.sum(0)
         count = spread.shape[0] * math.prod(windows.shape[2:2 + dims])  # every position
-        if not self.has_bias:
-            return weight_part, count
-        total = weight_part.new_empty(size + 1, size + 1)
-        total[:size, :size] = weight_part
-        total[:size, size] = patch_sum
-        total[size, :size] = patch_sum
-        total[size, size] = count
-        return total, count
+        return (_with_bias(weight_part, patch_sum, count) if self.has_bias else weight_part,
+                count)
 
     def _as_conv(self, weight: Tensor) -> Tensor:
         """∇W ``[C_in, C_out/g, k…]`` → ∇W' ``[C_out, C_in/g·k…]`` (flipped, axes swapped)."""
