@@ -1,4 +1,5 @@
-"""nn.RNN / nn.GRU / nn.LSTM: Kronecker blocks for their input and recurrent projections.
+"""nn.RNN / nn.GRU / nn.LSTM and their cells: Kronecker blocks for their input and recurrent
+projections.
 
 * While natgrad watches a recurrent layer, the module runs natgrad's unrolled forward: the
   same outputs and final states as PyTorch's fused kernel (float64), for every cell type,
@@ -15,6 +16,9 @@
   own fused layer.
 * KFAC's and EKFAC's defaults train a tagger and a classifier built on each cell type with no
   fallback and no uncalled layer; an LSTM with proj_size falls back, with its reason.
+* Cells (nn.RNNCell, GRUCell, LSTMCell) called once per step by the model's own loop: the same
+  outputs as PyTorch's, natgrad's forward only while recording; each call is one step of both
+  blocks (A, G against the definition as above); loops of each cell train.
 """
 
 from __future__ import annotations
@@ -336,27 +340,32 @@ class Tagger(nn.Module):
 
 
 # --- the quadratic model's products -------------------------------------------------------------
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("model_kind", ["tagger", "packed", "cell-loop"])
 @pytest.mark.parametrize("route", ["stacked", "forward-mode"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_products_through_a_watched_layer(cell, route, packed, monkeypatch):
+def test_products_through_a_watched_layer(cell, route, model_kind, monkeypatch):
     """Stacked (one rule per layer and direction) or, for a model the stacked pass does not
     take, by forward-mode AD through the unrolled recurrence; both against forward-mode AD
-    through PyTorch's own layer. Packed: sequences of lengths 4, 2, 3 (the final states)."""
+    through PyTorch's own layer. Packed: sequences of lengths 4, 2, 3 (the final states); a
+    cell loop: the cell of the same kind called once per step."""
     torch.manual_seed(1)
-    if packed:
+    inputs = torch.randn(3, T, D, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    if model_kind == "packed":
         model = PackedClassifier(cell, True, [4, 2, 3]).to(DTYPE)
-        tokens = torch.randn(3, T, D, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    elif model_kind == "cell-loop":
+        model = CellLoop(cell.replace("rnn-tanh", "rnn") + "-cell").to(DTYPE)
     else:
         model = Tagger(cell, dropout=0.0).to(DTYPE)
-        tokens = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
+        inputs = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
+    tokens = inputs
     fused = copy.deepcopy(model)  # not watched: PyTorch's kernel
     gen = torch.Generator().manual_seed(3)
     with LayerCapture(model, find_layers(model).handlers):
         fmodel = FunctionalModel(model)
         tangents = [[torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in fmodel.params]
                     for _ in range(2)]
-        kernels = _spy_on_pytorchs_forward(model.rnn, monkeypatch)
+        layer = model.cell if model_kind == "cell-loop" else model.rnn
+        kernels = _spy_on_pytorchs_forward(layer, monkeypatch)
         if route == "forward-mode":
             mark_unstacked(model, "the test asks for forward-mode AD")
         outputs, products = fmodel.jvp((tokens,), tangents)
@@ -403,3 +412,108 @@ def test_recurrent_models_get_blocks_and_train(optimizer, cell):
     rnn_blocks = [n for n in opt.blocks if n.startswith("rnn.")]
     assert len(rnn_blocks) == 8 and all(opt.blocks[n].refreshed for n in rnn_blocks)
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# --- cells: one step per call, the user's loop over time ----------------------------------------
+CELL_MODULES = {
+    "rnn-cell": lambda **kw: nn.RNNCell(D, H, **kw),
+    "rnn-relu-cell": lambda **kw: nn.RNNCell(D, H, nonlinearity="relu", **kw),
+    "gru-cell": lambda **kw: nn.GRUCell(D, H, **kw),
+    "lstm-cell": lambda **kw: nn.LSTMCell(D, H, **kw),
+}
+
+
+class CellLoop(nn.Module):
+    """A cell applied step by step by a loop in forward (a decoder's pattern), from zeros; a
+    linear head on the last state: logits ``[B, C]``."""
+
+    def __init__(self, cell: str, bias: bool = True) -> None:
+        super().__init__()
+        self.cell = CELL_MODULES[cell](bias=bias)
+        self.head = nn.Linear(H, C)
+
+    def states(self, x):
+        """h after each step, ``[B, T, H]``."""
+        state, hs = None, []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(hs, 1)
+
+    def forward(self, x):
+        return self.head(self.states(x)[:, -1])
+
+
+@pytest.mark.parametrize("cell", list(CELL_MODULES))
+def test_natgrads_cell_forward_equals_pytorchs(cell, monkeypatch):
+    torch.manual_seed(0)
+    model = CellLoop(cell).to(DTYPE)
+    x = torch.randn(B, T, D, dtype=DTYPE)
+    h = torch.randn(B, H, dtype=DTYPE)
+    hx = (h, -h) if cell == "lstm-cell" else h
+    expected = [model.states(x), model.cell(x[:, 0], hx)]
+    layers = find_layers(model)
+    assert set(layers.handlers) == {"cell.ih", "cell.hh", "head"} and layers.fallback == {}
+    kernels = _spy_on_pytorchs_forward(model.cell, monkeypatch)
+    with LayerCapture(model, layers.handlers) as capture:
+        got = [model.states(x), model.cell(x[:, 0], hx)]
+        assert not kernels  # recording: natgrad's forward
+        with capture.paused():
+            model.cell(x[:, 0], hx)
+        assert len(kernels) == 1
+        model.cell(x[0, 0], h[0] if cell != "lstm-cell" else (h[0], h[0]))  # unbatched
+        assert len(kernels) == 2
+    for g, e in zip(got, expected, strict=True):
+        assert _max_diff(g, e) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("cell,bias", [("gru-cell", True), ("lstm-cell", True),
+                                       ("rnn-cell", True)])
+def test_kfac_factors_of_a_cell_loop_equal_the_definition(cell, bias):
+    """Each call is a step of both blocks: A over the calls' inputs, G over their δ's, per
+    sample recovered from the per-class gradients of PyTorch's own cell (X = Σₜ δₜāₜᵀ)."""
+    torch.manual_seed(4)
+    model = CellLoop(cell, bias).to(DTYPE)
+    x = torch.randn(2, T, D, dtype=DTYPE)
+    factors = natgrad.kfac_factors(model, x, likelihood="categorical")
+    assert set(factors) == {"cell.ih", "cell.hh", "head"}
+    sums = {"cell.ih": [0, 0], "cell.hh": [0, 0]}
+    ones = torch.ones(T, 1, dtype=DTYPE)
+    for sample in range(x.shape[0]):
+        xs = x[sample:sample + 1]
+        states = model.states(xs)[0].detach()  # PyTorch's cell (nothing watches it here)
+        rows = {"cell.ih": torch.cat([xs[0], ones], 1),
+                "cell.hh": torch.cat([torch.cat([torch.zeros(1, H, dtype=DTYPE),
+                                                 states[:-1]]), ones], 1)}
+        logp = model(xs)[0].log_softmax(-1)
+        probs = logp.exp().detach()
+        for name, rows_in in rows.items():
+            kind = name.split(".")[1]
+            params = [getattr(model.cell, f"weight_{kind}"), getattr(model.cell, f"bias_{kind}")]
+            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)
+            sums[name][0] = sums[name][0] + rows_in.T @ rows_in
+            for y in range(C):
+                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
+                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1)
+                deltas = X @ solve
+                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name
+                sums[name][1] = sums[name][1] + probs[y] * deltas @ deltas.T
+    for name, (sum_a, sum_g) in sums.items():
+        A, G = factors[name]
+        assert rel_err(A, sum_a / (x.shape[0] * T)) <= RTOL_EXACT, name
+        assert rel_err(G, sum_g / x.shape[0]) <= RTOL_EXACT, name
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "EKFAC"])
+@pytest.mark.parametrize("cell", list(CELL_MODULES))
+def test_cell_loops_get_blocks_and_train(optimizer, cell, monkeypatch):
+    torch.manual_seed(0)
+    model = CellLoop(cell).to(DTYPE)
+    x = torch.randn(8, T, D, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback, no uncalled layer
+        opt = getattr(natgrad, optimizer)(model, loss=nn.CrossEntropyLoss(), stat_every=1)
+        losses = train_losses(opt, model, x, torch.arange(8) % C, 10)
+    assert opt.fallback == [] and all(b.refreshed for b in opt.blocks.values())
+    assert unstacked_reason(model) is None  # the products took the stacked pass
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -31,8 +31,10 @@ from natgrad.layers.huggingface import huggingface_handler, loss_keywords
 from natgrad.layers.linear import LinearHandler
 from natgrad.layers.norm import NORM_TYPES, NormHandler
 from natgrad.layers.recurrent import (
+    CELL_TYPES,
     RECURRENT_TYPES,
     RecurrentHandler,
+    cell_forward,
     recurrent_forward,
     recurrent_handlers,
 )
@@ -236,7 +238,7 @@ class LayerCapture:
                                         with_kwargs=True)
         ]
         attention: dict[int, tuple[nn.MultiheadAttention, dict[str, str]]] = {}
-        recurrent: dict[int, tuple[nn.RNNBase, dict[str, str]]] = {}
+        recurrent: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for name, handler in handlers.items():
             if isinstance(handler, ATTENTION_HANDLERS):  # a MultiheadAttention's projection
                 roles = attention.setdefault(id(handler.attention), (handler.attention, {}))[1]
@@ -257,7 +259,8 @@ class LayerCapture:
             )
             self._patched.append(mha)
         for rnn, keys in recurrent.values():  # reports its projections (layers/recurrent.py)
-            rnn.forward = recurrent_forward(  # type: ignore[method-assign]
+            patch = cell_forward if isinstance(rnn, CELL_TYPES) else recurrent_forward
+            rnn.forward = patch(  # type: ignore[method-assign]
                 rnn, self._record_call, keys, self._recording
             )
             self._patched.append(rnn)

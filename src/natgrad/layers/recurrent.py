@@ -1,5 +1,5 @@
-"""``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``: Kronecker blocks for their input and recurrent
-weights.
+"""``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` and their cells: Kronecker blocks for their input and
+recurrent weights.
 
 PyTorch runs a recurrent layer as one fused kernel, so its gate pre-activations never pass
 through a module that hooks can watch. While natgrad watches a recurrent layer, the module runs
@@ -22,6 +22,10 @@ independent (it drops the correlations between steps). The blocks count every st
 the loss ignores (a step's input still shapes the later states). With ``kfac_approx="reduce"``
 the input projection's steps are reduced; the recurrent projection's steps, being separate
 calls, are expanded.
+
+Cells (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell``), called once per step by the model's
+own loop, get the same two blocks, ``ih`` and ``hh``: each call reports one step of both
+(:func:`cell_forward`), and K-FAC expands over the calls as over a layer's steps.
 
 Supported calls: a batched input (``[B, T, d]`` with ``batch_first``, else ``[T, B, d]``) or
 a ``PackedSequence`` (sequences of several lengths: the steps beyond a sequence's end are
@@ -50,6 +54,8 @@ from natgrad.layers.linear import LinearHandler
 __all__ = [
     "RECURRENT_TYPES",
     "RecurrentHandler",
+    "CELL_TYPES",
+    "cell_forward",
     "cell_step",
     "masked_step",
     "recurrence",
@@ -57,18 +63,22 @@ __all__ = [
     "recurrent_handlers",
 ]
 
-RECURRENT_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
+CELL_TYPES = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+RECURRENT_TYPES = (nn.RNN, nn.GRU, nn.LSTM, *CELL_TYPES)
 Record = Callable[[str, Tensor, Tensor, Tensor | None], None]
+Recurrent = nn.RNNBase | nn.RNNCellBase
 
 
 class RecurrentHandler(LinearHandler):
     """One projection of a recurrent layer (``kind`` ``"ih"`` or ``"hh"``, layer ``layer``,
-    direction ``suffix``) as a Linear layer: X = [W | b], ``[g·H, d + 1]``."""
+    direction ``suffix``; a cell has neither) as a Linear layer: X = [W | b], ``[g·H, d + 1]``."""
 
-    def __init__(self, module: nn.RNNBase, kind: str, layer: int, suffix: str) -> None:
+    def __init__(self, module: Recurrent, kind: str, layer: int | None = None,
+                 suffix: str = "") -> None:
         super().__init__(module)
         self.recurrent = module
-        self.key = f"{kind}_l{layer}{suffix}"  # also its block name's last part
+        # also its block name's last part: "ih_l0", "hh_l1_reverse"; a cell's "ih", "hh"
+        self.key = kind if layer is None else f"{kind}_l{layer}{suffix}"
 
     @property
     def weight(self) -> Tensor:
@@ -89,21 +99,21 @@ class RecurrentHandler(LinearHandler):
 
 
 def recurrent_handlers(
-    name: str, module: nn.RNNBase
+    name: str, module: Recurrent
 ) -> tuple[dict[str, LayerHandler], str | None]:
-    """The blocks of the recurrent layer ``name`` by block name (those whose weight is
-    trained), or why it has none."""
+    """The blocks of the recurrent layer or cell ``name`` by block name (those whose weight
+    is trained), or why it has none."""
     reason = RecurrentHandler.unsupported_reason(module)
     if reason is not None:
         return {}, reason
-    handlers: dict[str, LayerHandler] = {}
-    for layer in range(module.num_layers):
-        for suffix in ("", "_reverse") if module.bidirectional else ("",):
-            for kind in ("ih", "hh"):
-                handler = RecurrentHandler(module, kind, layer, suffix)
-                if handler.weight.requires_grad:
-                    handlers[f"{name}.{handler.key}"] = handler
-    return handlers, None
+    if isinstance(module, CELL_TYPES):
+        found = [RecurrentHandler(module, kind) for kind in ("ih", "hh")]
+    else:
+        found = [RecurrentHandler(module, kind, layer, suffix)
+                 for layer in range(module.num_layers)
+                 for suffix in (("", "_reverse") if module.bidirectional else ("",))
+                 for kind in ("ih", "hh")]
+    return {f"{name}.{h.key}": h for h in found if h.weight.requires_grad}, None
 
 
 def _supported(rnn: nn.RNNBase, x: Any, hx: Any) -> bool:
@@ -217,14 +227,14 @@ def masked_step(
     return h, c, torch.where(took, new[0], 0.0)
 
 
-def _differentiated(rnn: nn.RNNBase) -> bool:
+def _differentiated(weight: Tensor) -> bool:
     """Whether the call is part of a Jacobian-vector product or a ``torch.func`` transform:
     natgrad's stacked pass (a torch function mode), forward-mode AD (dual weights), vmap,
     grad... — these need the unrolled recurrence (fused kernels have no forward-mode AD on
     CUDA, and the stacked pass has one rule for :func:`recurrence`)."""
     return (torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()
-            or fwAD.unpack_dual(rnn.weight_hh_l0).tangent is not None)
+            or fwAD.unpack_dual(weight).tangent is not None)
 
 
 def recurrent_forward(
@@ -245,7 +255,7 @@ def recurrent_forward(
 
     def forward(self: nn.RNNBase, input: Any, hx: Any = None) -> tuple[Tensor, Any]:  # noqa: A002
         if (self is not target() or not _supported(self, input, hx)
-                or not (recording() or _differentiated(self))):
+                or not (recording() or _differentiated(self.weight_hh_l0))):
             return type(self).forward(self, input, hx)
         lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
@@ -298,3 +308,58 @@ def recurrent_forward(
         return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
 
     return types.MethodType(forward, rnn)
+
+
+def _cell_mode(cell: nn.RNNCellBase) -> str:
+    """The recurrence of a cell, in :func:`cell_step`'s names."""
+    if isinstance(cell, nn.GRUCell):
+        return "GRU"
+    if isinstance(cell, nn.LSTMCell):
+        return "LSTM"
+    return "RNN_TANH" if cell.nonlinearity == "tanh" else "RNN_RELU"
+
+
+def _cell_supported(cell: nn.RNNCellBase, x: Any, hx: Any) -> bool:
+    """Whether natgrad's forward takes a cell's call: a batched input ``[B, d]`` and, if
+    given, states ``[B, H]`` (PyTorch's forward raises its own errors)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != cell.input_size:
+        return False
+    if hx is None:
+        return True
+    states = hx if isinstance(hx, tuple) else (hx,)
+    if len(states) != (2 if isinstance(cell, nn.LSTMCell) else 1):
+        return False
+    shape = (x.shape[0], cell.hidden_size)
+    return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
+
+
+def cell_forward(
+    cell: nn.RNNCellBase, record: Record, names: dict[str, str], recording: Callable[[], bool],
+) -> Callable[..., Any]:
+    """A cell's forward (``nn.RNNCell``, ``GRUCell``, ``LSTMCell``: one step, called once per
+    step by the user's loop) with its projections reported to ``record`` under ``names``
+    (``"ih"``, ``"hh"`` → block name): each call is one step of both blocks, which K-FAC
+    expands over the calls as over a recurrent layer's steps. As :func:`recurrent_forward`,
+    only while ``recording()`` or inside derivative passes; PyTorch's forward otherwise, for
+    unbatched calls and for a copy's calls."""
+    target = weakref.ref(cell)
+    mode = _cell_mode(cell)
+
+    def forward(self: nn.RNNCellBase, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        if (self is not target() or not _cell_supported(self, input, hx)
+                or not (recording() or _differentiated(self.weight_hh))):
+            return type(self).forward(self, input, hx)
+        if hx is None:
+            zeros = input.new_zeros(input.shape[0], self.hidden_size)
+            h, c = zeros, (zeros if mode == "LSTM" else None)
+        else:
+            h, c = hx if mode == "LSTM" else (hx, None)
+        gates_in = F.linear(input, self.weight_ih, self.bias_ih)
+        gates_h = F.linear(h, self.weight_hh, self.bias_hh)
+        for key, inputs, output in (("ih", input, gates_in), ("hh", h, gates_h)):
+            if key in names:  # (a block the optimizer holds)
+                record(names[key], inputs, output, None)
+        new_h, new_c, _, _ = cell_step(mode, gates_in, gates_h, h, c)
+        return (new_h, new_c) if mode == "LSTM" else new_h
+
+    return types.MethodType(forward, cell)

@@ -42,10 +42,10 @@ class KFAC(CurvatureOptimizer):
     stride-1 convolution of the spread input), ``nn.Embedding`` (diagonal input factor),
     ``nn.MultiheadAttention`` (its in-projection: one packed block for self-attention, one
     per q/k/v for cross-attention and kdim/vdim weights; out_proj), ``nn.RNN``/``GRU``/
-    ``LSTM`` (one block for each layer's and direction's input projection and one for its
-    recurrent projection, shared over time steps), a weight tied between two of these (one
-    shared block, :mod:`natgrad.curvature.shared`) and the affine parameters of
-    BatchNorm/LayerNorm/GroupNorm (an exact dense block). Other
+    ``LSTM`` and their cells (one block for each layer's and direction's input projection and
+    one for its recurrent projection, shared over time steps; packed sequences too), a weight
+    tied between two of these (one shared block, :mod:`natgrad.curvature.shared`) and the
+    affine parameters of BatchNorm/LayerNorm/GroupNorm (an exact dense block). Other
     trainable parameters get the *fallback* update Δ = ∇ / (diag F + λ), with diag F the
     diagonal Fisher estimated from the same sampled-label gradients, and a one-time warning
     names their modules. Parameters of ``exclude``-d modules get the plain gradient.
