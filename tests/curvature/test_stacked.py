@@ -203,6 +203,23 @@ def test_convolutions(name):
     _check(lambda x, w: fn(x, w, **options), _rand(*x_shape, seed=4), _rand(*w_shape, seed=5))
 
 
+PADS = {  # input shape, widths, mode, value
+    "constant-value": ((2, 3, 4), (1, 2), "constant", 0.5),
+    "constant-two-dims": ((2, 3, 4, 5), (1, 0, 2, 1), "constant", None),
+    "reflect-2d": ((2, 3, 4, 5), (1, 2, 2, 1), "reflect", None),
+    "replicate-1d": ((2, 3, 4), (2, 1), "replicate", None),
+    "circular-3d": ((2, 2, 3, 4, 3), (1, 1, 2, 0, 1, 1), "circular", None),
+    "reflect-unbatched": ((3, 4, 5), (1, 1, 2, 2), "reflect", None),
+}
+
+
+@pytest.mark.parametrize("name", list(PADS))
+def test_pad(name):
+    shape, widths, how, value = PADS[name]
+    options = {} if value is None else {"value": value}
+    _check(lambda x: F.pad(x.tanh(), widths, how, **options), _rand(*shape, seed=1))
+
+
 RECURRENCES = {  # mode, gates per step, bias, reverse, initial state with tangents
     "rnn-tanh": ("RNN_TANH", 1, True, False, True),
     "rnn-relu-reverse": ("RNN_RELU", 1, True, True, True),

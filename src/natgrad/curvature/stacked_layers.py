@@ -332,6 +332,24 @@ def _convolution(names: tuple[str, ...]) -> Rule:
     return rule
 
 
+def _pad(mode, func, args, kwargs):
+    """y = pad(x) (linear in x; a constant fills with 0 in the tangent): ẏ = pad(ẋ), the k
+    tangents as k·N samples where the mode needs the input's rank (reflect, replicate,
+    circular)."""
+    check_keywords(kwargs, ("pad", "mode", "value"), "pad")
+    x, widths = args[0], arg(args, kwargs, 1, "pad")
+    how = arg(args, kwargs, 2, "mode", "constant")
+    out = func(*args, **kwargs)
+    dx = mode.tangent(x)
+    if dx is None:
+        return out
+    if how == "constant":
+        tangent = F.pad(dx, widths)
+    else:
+        tangent = F.pad(dx.flatten(0, 1), widths, how).view(mode.k, *out.shape)
+    return tag(mode, out, tangent)
+
+
 def _recurrence(mode, func, args, kwargs):
     """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
     ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
@@ -383,6 +401,7 @@ RULES: dict[Callable, Rule] = {
     F.dropout: _dropout,
     F.scaled_dot_product_attention: _attention,
     recurrence: _recurrence,
+    **dict.fromkeys([F.pad, torch._C._nn.pad], _pad),
     **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _convolution(_CONV_ARGUMENTS)),
     **dict.fromkeys([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
                     _convolution(_CONV_TRANSPOSE_ARGUMENTS)),
