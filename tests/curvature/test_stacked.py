@@ -220,6 +220,64 @@ def test_pad(name):
     _check(lambda x: F.pad(x.tanh(), widths, how, **options), _rand(*shape, seed=1))
 
 
+X4 = _rand(2, 4, 6, 6, seed=6)
+CONVNET_OPS = {  # functions of a [2, 4, 6, 6] x through a nonlinearity (so ẋ is not constant)
+    "avg-pools": lambda x: F.avg_pool2d(x, 2).sum() + F.avg_pool1d(x[0], 3, 2, 1).sum()
+    + F.avg_pool3d(x.unsqueeze(1), 2).sum() + F.avg_pool2d(x[0], 3, stride=2),
+    "adaptive-avg-pools": lambda x: F.adaptive_avg_pool2d(x, (2, 3)).sum()
+    + F.adaptive_avg_pool1d(x[:, 0], 4).sum() + F.adaptive_avg_pool3d(x, 1).sum(),
+    "max-pools": lambda x: F.max_pool2d(x, 2).sum() + F.max_pool2d(x, 3, 2, 1)[0]
+    + F.max_pool1d(x[0], 2).sum() + F.max_pool3d(x.unsqueeze(1), 2, return_indices=True)[0]
+    .sum() + F.max_pool2d(x[0], 2, dilation=2).sum(),
+    "adaptive-max-pools": lambda x: F.adaptive_max_pool2d(x, 3).sum()
+    + F.adaptive_max_pool1d(x[:, 1], 2, return_indices=True)[0].sum()
+    + F.adaptive_max_pool3d(x, (1, 2, 2)).sum(),
+    "interpolate": lambda x: F.interpolate(x, scale_factor=2).sum((2, 3))
+    + F.interpolate(x, size=(5, 7), mode="bilinear", align_corners=False).mean((2, 3))
+    + F.interpolate(x, scale_factor=0.5, mode="bicubic").sum((2, 3))
+    + F.interpolate(x[:, :, 0], size=9, mode="linear").sum(-1),
+    "pixel-shuffle": lambda x: F.pixel_shuffle(x, 2).sum((1, 2, 3)) + F.pixel_unshuffle(
+        x, 2).sum((1, 2, 3)),
+    "activations-with-options": lambda x: F.leaky_relu(x, 0.2) + F.leaky_relu(x) + F.elu(
+        x, 0.7) + F.selu(x) + F.softplus(x, beta=2.0, threshold=1.0) + F.hardtanh(
+        x, -0.5, 0.8) + F.relu6(3 * x) + F.hardswish(2 * x) + F.mish(x),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVNET_OPS))
+def test_convnet_operations(name):
+    _check(lambda x: CONVNET_OPS[name](x.tanh()), X4)
+
+
+def test_hardsigmoid_as_forward_mode():
+    """(Its backward has no derivative: the reference is forward-mode AD.)"""
+    x = X4.tanh()
+    out, stacked = _stacked(lambda v: F.hardsigmoid(4 * v), [x], [_rand(K, *x.shape, seed=3)])
+    for i in range(K):
+        expected = torch.func.jvp(lambda v: F.hardsigmoid(4 * v), (x,),
+                                  (_rand(K, *x.shape, seed=3)[i],))[1]
+        assert rel_err(stacked[i], expected) <= RTOL_EXACT
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm(training):
+    """Batch statistics (training) or running ones; tangents of x, weight and bias."""
+    mean, var = _rand(4, seed=7), _rand(4, seed=8, positive=True)
+
+    def fn(x, w, b):
+        return F.batch_norm(x.tanh(), mean.clone(), var.clone(), w, b, training, 0.1, 1e-3)
+
+    _check(fn, X4, _rand(4, seed=9), _rand(4, seed=10))
+    _check(lambda x: F.batch_norm(x.sin(), None, None, training=True), X4)
+    _check(lambda x: F.batch_norm(x[:, :, 0].sin(), mean, var, training=training), X4)
+
+
+def test_group_norm():
+    _check(lambda x, w, b: F.group_norm(x.tanh(), 2, w, b, 1e-3), X4, _rand(4, seed=9),
+           _rand(4, seed=10))
+    _check(lambda x: F.group_norm(x.sin()[:, :, 0], 4), X4)
+
+
 RECURRENCES = {  # mode, gates per step, bias, reverse, initial state with tangents
     "rnn-tanh": ("RNN_TANH", 1, True, False, True),
     "rnn-relu-reverse": ("RNN_RELU", 1, True, True, True),
@@ -495,6 +553,45 @@ def test_random_gpts_take_the_stacked_pass(name, k, monkeypatch):
     for tangent, product in zip(tangents, products, strict=True):
         assert rel_err(product, _reference(model, inputs, tangent)) <= RTOL_EXACT
     assert not hasattr(outputs, "_natgrad_stacked_tangent")  # no tangents left behind
+
+
+class _ConvNet(nn.Module):
+    """Convolutions with batch or group norm, pooling, upsampling and assorted activations,
+    a residual connection and a reflection pad: what image models are built from."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8) if norm == "batch" else nn.GroupNorm(2, 8)
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                                   nn.LeakyReLU(0.2))
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4 + 8, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.norm(self.stem(x))), 2)
+        h = h + self.block(h)
+        up = F.hardswish(self.up(F.interpolate(h, scale_factor=0.5, mode="bilinear")))
+        pooled = torch.cat([F.adaptive_avg_pool2d(up, 1), F.adaptive_max_pool2d(h, 1)], 1)
+        return self.head(F.elu(pooled.flatten(1)))
+
+
+@pytest.mark.parametrize("norm,training", [("batch", True), ("batch", False),
+                                           ("group", True)])
+def test_convnets_take_the_stacked_pass(norm, training, monkeypatch):
+    torch.manual_seed(0)
+    model = _ConvNet(norm).to(DTYPE).train(training)
+    x = _rand(4, 3, 8, 8, seed=1)
+    fmodel = FunctionalModel(model)
+    tangents = _tangents(fmodel.params, 2)
+    calls = []
+    monkeypatch.setattr(FunctionalModel, "_jvp_forward", lambda *a: calls.append(1))
+    outputs, products = fmodel.jvp((x,), tangents)
+    assert not calls and unstacked_reason(model) is None
+    with torch.no_grad():
+        assert rel_err(outputs, model(x)) <= RTOL_EXACT
+    for tangent, product in zip(tangents, products, strict=True):
+        assert rel_err(product, _reference(model, (x,), tangent)) <= RTOL_EXACT
 
 
 def test_a_subset_of_the_parameters():

@@ -350,6 +350,131 @@ def _pad(mode, func, args, kwargs):
     return tag(mode, out, tangent)
 
 
+def _batched_linear(mode, func, args, kwargs):
+    """An operation linear in its input alone that keeps dimension 0 a batch (average
+    pooling, interpolation, pixel shuffle): ẏ = f(ẋ), the k tangents as k·N samples."""
+    out = func(*args, **kwargs)
+    dx = mode.tangent(args[0])
+    if dx is None:
+        return out
+    tangent = func(dx.flatten(0, 1), *args[1:], **kwargs)
+    return tag(mode, out, tangent.view(mode.k, *out.shape))
+
+
+def _max_pool(with_indices: Callable, options: int, dims: int) -> Rule:
+    """Max pooling over ``dims`` spatial dimensions (``options`` positional options after the
+    input, return_indices next; ``with_indices`` itself returns them always): ẏ = ẋ at the
+    maxima, gathered at the flat indices PyTorch returns per channel."""
+
+    def rule(mode, func, args, kwargs):
+        x = args[0]
+        want = func is with_indices or arg(args, kwargs, options + 1, "return_indices", False)
+        rest = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        out, indices = with_indices(x, *args[1:options + 1], **rest)
+        dx = mode.tangent(x)
+        if dx is not None:
+            picked = indices.flatten(-dims).expand(mode.k, *indices.shape[:-dims], -1)
+            tag(mode, out, dx.flatten(-dims).gather(-1, picked).view(mode.k, *out.shape))
+        return (out, indices) if want else out
+
+    return rule
+
+
+def _normalized_tangent(dx: Tensor, normalized: Tensor, rstd: Tensor,
+                        dims: tuple[int, ...]) -> Tensor:
+    """r·(ẋ − mean(ẋ) − x̂·mean(x̂ ⊙ ẋ)), the means over ``dims`` of ẋ (k first)."""
+    centred = dx - dx.mean(dims, keepdim=True)
+    return centred.sub_(normalized * (normalized * dx).mean(dims, keepdim=True)).mul_(rstd)
+
+
+def _affine_tangent(mode, tangent, normalized, weight, bias, shape):
+    """``tangent`` ⊙ w + x̂ ⊙ ẇ + ḃ for per-channel w, b viewed as ``shape``."""
+    if tangent is not None and weight is not None:
+        tangent = tangent.mul_(weight.view(shape))
+    dw = None if weight is None else mode.tangent(weight)
+    if dw is not None:
+        part = normalized * dw.view(mode.k, *shape)
+        tangent = part if tangent is None else tangent.add_(part)
+    db = None if bias is None else mode.tangent(bias)
+    if db is not None:
+        db = db.view(mode.k, *shape)
+        tangent = db if tangent is None else tangent.add_(db)
+    return tangent
+
+
+def _batch_norm(mode, func, args, kwargs):
+    """Per channel (dimension 1): with batch statistics (training, or no running ones) the
+    layer norm's tangent over the batch and spatial dimensions; with running statistics
+    ẏ = ẋ·r; then ⊙ w + x̂ ⊙ ẇ + ḃ."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    check_keywords(kwargs, names[1:], "batch_norm")
+    x, mean, var, weight, bias = (arg(args, kwargs, i, n) for i, n in enumerate(names[:5]))
+    training, eps = arg(args, kwargs, 5, "training", False), arg(args, kwargs, 7, "eps", 1e-5)
+    if mode.tangent(mean) is not None or mode.tangent(var) is not None:
+        raise Unsupported("batch_norm with running statistics that have tangents")
+    out = func(*args, **kwargs)
+    shape = (1, -1, *(1,) * (x.dim() - 2))
+    dims = (0, *range(2, x.dim()))
+    batch_statistics = training or mean is None
+    if batch_statistics:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = mean.view(shape), var.view(shape)
+    rstd = (var + eps).rsqrt()
+    normalized = (x - mean) * rstd
+    dx = mode.tangent(x)
+    tangent = None
+    if dx is not None:
+        tangent = (_normalized_tangent(dx, normalized, rstd, tuple(d + 1 for d in dims))
+                   if batch_statistics else dx * rstd)
+    return tag(mode, out, _affine_tangent(mode, tangent, normalized, weight, bias, shape))
+
+
+def _group_norm(mode, func, args, kwargs):
+    """Per sample and group of channels, the layer norm's tangent; then ⊙ w + x̂ ⊙ ẇ + ḃ per
+    channel."""
+    check_keywords(kwargs, ("num_groups", "weight", "bias", "eps"), "group_norm")
+    x, groups = args[0], arg(args, kwargs, 1, "num_groups")
+    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    eps = arg(args, kwargs, 4, "eps", 1e-5)
+    out = func(*args, **kwargs)
+    grouped = x.reshape(x.shape[0], groups, -1)
+    mean = grouped.mean(-1, keepdim=True)
+    rstd = (grouped.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    normalized = (grouped - mean) * rstd
+    dx = mode.tangent(x)
+    tangent = None
+    if dx is not None:
+        tangent = _normalized_tangent(dx.reshape(mode.k, *grouped.shape), normalized, rstd,
+                                      (-1,)).view(mode.k, *x.shape)
+    shape = (1, -1, *(1,) * (x.dim() - 2))
+    return tag(mode, out, _affine_tangent(mode, tangent, normalized.view_as(x), weight, bias,
+                                          shape))
+
+
+def _activation_with(options: tuple[tuple[str, object], ...],
+                     derivative: Callable[..., Tensor]) -> Rule:
+    """σ(x; options) elementwise (leaky_relu, elu, softplus, hardtanh, ...): ẏ = σ'(x) ⊙ ẋ,
+    ``derivative(x, *options)`` from PyTorch's ``*_backward`` kernel; in place refused."""
+    names = [name for name, _ in options]
+
+    def rule(mode, func, args, kwargs):
+        check_keywords(kwargs, (*names, "inplace"), call_name(func))
+        values = [arg(args, kwargs, i + 1, n, d) for i, (n, d) in enumerate(options)]
+        if arg(args, kwargs, len(options) + 1, "inplace", False):
+            raise Unsupported(f"{call_name(func)} in place")
+        out = func(*args, **kwargs)
+        return tag(mode, out, mode.tangent(args[0]) * derivative(args[0], *values))
+
+    return rule
+
+
+_SELU = (1.6732632423543772, 1.0507009873554805)  # α, scale
+_MAX_POOLS = ((F.max_pool1d, F.adaptive_max_pool1d), (F.max_pool2d, F.adaptive_max_pool2d),
+              (F.max_pool3d, F.adaptive_max_pool3d))
+
+
 def _recurrence(mode, func, args, kwargs):
     """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
     ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
@@ -402,6 +527,31 @@ RULES: dict[Callable, Rule] = {
     F.scaled_dot_product_attention: _attention,
     recurrence: _recurrence,
     **dict.fromkeys([F.pad, torch._C._nn.pad], _pad),
+    **dict.fromkeys([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate,
+                     F.pixel_shuffle, F.pixel_unshuffle], _batched_linear),
+    **{pool: _max_pool(with_indices, options, dims)
+       for dims, (plain, adaptive) in enumerate(_MAX_POOLS, start=1)
+       for function, options in ((plain, 5), (adaptive, 1))
+       for pool, with_indices in ((function, getattr(F, f"{function.__name__}_with_indices")),
+                                  (getattr(F, f"{function.__name__}_with_indices"),) * 2)},
+    F.batch_norm: _batch_norm,
+    F.group_norm: _group_norm,
+    F.leaky_relu: _activation_with((("negative_slope", 0.01),), lambda x, s: slope(
+        _aten.leaky_relu_backward, x, negative_slope=s, self_is_result=False)),
+    F.elu: _activation_with((("alpha", 1.0),), lambda x, a: slope(
+        lambda g, v: _aten.elu_backward(g, a, 1, 1, False, v), x)),
+    F.selu: _activation_with((), lambda x: slope(
+        lambda g, v: _aten.elu_backward(g, _SELU[0], _SELU[1], 1, False, v), x)),
+    F.softplus: _activation_with((("beta", 1.0), ("threshold", 20.0)), lambda x, b, t: slope(
+        _aten.softplus_backward, x, beta=b, threshold=t)),
+    F.hardtanh: _activation_with((("min_val", -1.0), ("max_val", 1.0)), lambda x, lo, hi: slope(
+        _aten.hardtanh_backward, x, min_val=lo, max_val=hi)),
+    F.relu6: _activation_with((), lambda x: slope(
+        _aten.hardtanh_backward, x, min_val=0.0, max_val=6.0)),
+    F.hardswish: _activation(_aten.hardswish_backward),
+    F.hardsigmoid: _activation(_aten.hardsigmoid_backward),
+    F.mish: _activation(_aten.mish_backward),
     **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _convolution(_CONV_ARGUMENTS)),
     **dict.fromkeys([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
                     _convolution(_CONV_TRANSPOSE_ARGUMENTS)),
