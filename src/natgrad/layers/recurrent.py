@@ -3,10 +3,11 @@ recurrent weights.
 
 PyTorch runs a recurrent layer as one fused kernel, so its gate pre-activations never pass
 through a module that hooks can watch. While natgrad watches a recurrent layer, the module runs
-:func:`recurrent_forward` instead: the same recurrence unrolled over time in PyTorch operations
-(PyTorch's gate order and formulas, every layer and direction, dropout between layers, a given
-initial state), reporting to the capture, for layer k and direction suffix ``""`` or
-``"_reverse"``:
+:func:`recurrent_forward` instead, which on statistics steps and inside Jacobian-vector products
+runs the same recurrence unrolled over time in PyTorch operations (PyTorch's gate order and
+formulas, every layer and direction, dropout between layers, a given initial state) and
+otherwise PyTorch's fused kernel. The unrolled recurrence reports to the capture, for layer k and
+direction suffix ``""`` or ``"_reverse"``:
 
 * block ``ih_l{k}{suffix}``, the input projection: one call per forward, inputs xₜ
   ``[B, T, d_in]``, output W_ih xₜ + b_ih ``[B, T, g·H]`` (g = 1, 3, 4 gates for RNN, GRU,
