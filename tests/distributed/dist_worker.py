@@ -79,6 +79,25 @@ def build_tied_model() -> nn.Module:
     return model.to(DTYPE)
 
 
+class Recurrent(nn.Module):
+    """Each input row [6] read as 3 steps of 2 features by a GRU (hidden 5), a Linear head on
+    the last state, and the Scale (fallback): a recurrent layer's blocks across ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(2, 5, batch_first=True)
+        self.head = nn.Linear(5, 4)
+        self.scale = Scale(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale(self.head(self.rnn(x.view(x.shape[0], 3, 2))[0][:, -1]))
+
+
+def build_recurrent_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Recurrent().to(DTYPE)
+
+
 def global_batches(steps: int) -> tuple[Tensor, Tensor]:
     """Inputs ``[steps, N, 6]`` and class labels ``[steps, N]`` (4 classes)."""
     gen = torch.Generator().manual_seed(1)
@@ -107,6 +126,7 @@ class Scenario:
     kept: bool = False  # FSDP keeps the parameters unsharded after backward
     frozen: bool = False  # the LayerNorm's weight does not train (sharded, not optimized)
     hsdp: bool = False  # HSDP: fully_shard on a (W/2 replicas) × (2 shards) mesh
+    recurrent: bool = False  # the GRU model
     # the last example of the global batch at step OVERFLOW_STEP (the last rank's) scaled by
     # 1e200: its Σ āāᵀ overflows on that rank alone (tanh saturates: gradients stay finite)
     overflow: bool = False
@@ -128,6 +148,7 @@ SCENARIOS = {
     "ekfac-empirical-auto-inv3": Scenario("EKFAC", {**EMPIRICAL, **AUTO, "inv_every": 3}),
     "ngdcg-empirical-auto": Scenario("NGDCG", {**EMPIRICAL}),
     "kfac-tied-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, tied=True),
+    "kfac-gru-empirical-auto": Scenario("KFAC", {**EMPIRICAL, **AUTO}, recurrent=True),
     # "owner": the statistics reduced to the owners, a shared weight's uses to its block's
     "kfac-tied-empirical-auto-owner": Scenario(
         "KFAC", {**EMPIRICAL, **AUTO, "inverse_placement": "owner"}, tied=True),
@@ -257,7 +278,8 @@ def run_scenario(
     """
     device = device or torch.device("cpu")
     scenario = {**SCENARIOS, **FSDP_SCENARIOS}[name]
-    build = build_tied_model if scenario.tied else build_odd_model if scenario.odd else build_model
+    build = (build_tied_model if scenario.tied else build_odd_model if scenario.odd
+             else build_recurrent_model if scenario.recurrent else build_model)
     model = build().to(device)
     if scenario.frozen:
         model[2].weight.requires_grad_(False)
