@@ -39,12 +39,18 @@ from natgrad.curvature.model import FunctionalModel, mark_unstacked, unstacked_r
 from natgrad.layers.capture import LayerCapture, find_layers
 
 D, H, T, B, C = 5, 4, 4, 3, 3
-CELLS = {
-    "rnn-tanh": lambda **kw: nn.RNN(D, H, **kw),
-    "rnn-relu": lambda **kw: nn.RNN(D, H, nonlinearity="relu", **kw),
-    "gru": lambda **kw: nn.GRU(D, H, **kw),
-    "lstm": lambda **kw: nn.LSTM(D, H, **kw),
-}
+KINDS = {"rnn-tanh": ("RNN", {}), "rnn-relu": ("RNN", {"nonlinearity": "relu"}),
+         "gru": ("GRU", {}), "lstm": ("LSTM", {})}
+
+
+def _factory(type_name, options):
+    return lambda **kw: getattr(nn, type_name)(D, H, **options, **kw)
+
+
+CELLS = {name: _factory(type_name, options) for name, (type_name, options) in KINDS.items()}
+# the cells of the same kinds ("gru-cell": nn.GRUCell), called once per step
+CELL_MODULES = {f"{name}-cell": _factory(f"{type_name}Cell", options)
+                for name, (type_name, options) in KINDS.items()}
 
 
 class Classifier(nn.Module):
@@ -229,6 +235,28 @@ def _step_inputs(model, x):
     return rows
 
 
+def _add_definition(sums, module, rows, logp):
+    """Add one sample's Σ āāᵀ and Σ_y p(y) Σₜ δₜδₜᵀ to ``sums[block]`` for every block in
+    ``rows`` (its steps' āₜ, ``[T, d(+1)]``): X_y = [∇W | ∇b] of log p(y) (autograd on
+    ``module``'s ``weight_<key>``, ``bias_<key>``) must have the form Σₜ δₜāₜᵀ, and with
+    independent āₜ the δₜ follow."""
+    probs = logp.exp().detach()
+    for name, rows_in in rows.items():
+        key = name.split(".")[1]
+        params = [getattr(module, f"weight_{key}")]
+        if module.bias:
+            params.append(getattr(module, f"bias_{key}"))
+        solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)  # X = Σₜ δₜāₜᵀ → [δₜ]
+        entry = sums.setdefault(name, [0, 0])
+        entry[0] = entry[0] + rows_in.T @ rows_in
+        for y in range(logp.shape[0]):
+            grads = torch.autograd.grad(logp[y], params, retain_graph=True)
+            X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1) if module.bias else grads[0]
+            deltas = X @ solve  # [g·H, T]
+            assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name  # the K-FAC form
+            entry[1] = entry[1] + probs[y] * deltas @ deltas.T
+
+
 @pytest.mark.parametrize("cell,bidirectional,bias,initial", [
     ("rnn-tanh", True, True, False), ("rnn-relu", False, True, False),
     ("gru", True, True, False), ("gru", True, False, True), ("lstm", True, True, True),
@@ -247,24 +275,10 @@ def test_kfac_factors_of_every_projection_equal_the_definition(cell, bidirection
     factors = natgrad.kfac_factors(model, x, likelihood="categorical")
     names = set(_step_inputs(model, x[:1]))
     assert set(factors) == names | {"head"}
-    expected = {n: [torch.zeros(()), torch.zeros(())] for n in names}  # Σ āāᵀ, Σ E_y[Σ δδᵀ]
+    expected: dict[str, list] = {}  # Σ āāᵀ, Σ E_y[Σ δδᵀ]
     for sample in range(x.shape[0]):
         xs = x[sample:sample + 1]
-        rows = _step_inputs(model, xs)
-        logp = model(xs)[0].log_softmax(-1)
-        probs = logp.exp().detach()
-        for name, rows_in in rows.items():
-            key = name.split(".")[1]
-            params = [getattr(model.rnn, f"weight_{key}")]
-            params += [getattr(model.rnn, f"bias_{key}")] if bias else []
-            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)  # X = Σₜ δₜāₜᵀ → [δₜ]
-            expected[name][0] = expected[name][0] + rows_in.T @ rows_in
-            for y in range(C):
-                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
-                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1) if bias else grads[0]
-                deltas = X @ solve  # [g·H, T]
-                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name  # the K-FAC form
-                expected[name][1] = expected[name][1] + probs[y] * deltas @ deltas.T
+        _add_definition(expected, model.rnn, _step_inputs(model, xs), model(xs)[0].log_softmax(-1))
     for name in names:
         A, G = factors[name]
         assert expected[name][1].norm() > 0
@@ -303,21 +317,7 @@ def test_kfac_factors_of_packed_sequences_equal_the_definition(cell, bidirection
     for sample, length in enumerate(lengths):
         xs = x[sample:sample + 1, :length]
         model.lengths = [length]
-        rows = _step_inputs(model, xs)
-        logp = model(xs)[0].log_softmax(-1)
-        probs = logp.exp().detach()
-        for name, rows_in in rows.items():
-            key = name.split(".")[1]
-            params = [getattr(model.rnn, f"weight_{key}"), getattr(model.rnn, f"bias_{key}")]
-            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)
-            sums = expected.setdefault(name, [0, 0])
-            sums[0] = sums[0] + rows_in.T @ rows_in
-            for y in range(C):
-                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
-                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1)
-                deltas = X @ solve
-                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name
-                sums[1] = sums[1] + probs[y] * deltas @ deltas.T
+        _add_definition(expected, model.rnn, _step_inputs(model, xs), model(xs)[0].log_softmax(-1))
     assert set(factors) == set(expected) | {"head"}
     for name, (sum_a, sum_g) in expected.items():
         A, G = factors[name]
@@ -355,7 +355,7 @@ def test_products_through_a_watched_layer(cell, route, model_kind, monkeypatch):
     if model_kind == "packed":
         model = PackedClassifier(cell, True, [4, 2, 3]).to(DTYPE)
     elif model_kind == "cell-loop":
-        model = CellLoop(cell.replace("rnn-tanh", "rnn") + "-cell").to(DTYPE)
+        model = CellLoop(cell + "-cell").to(DTYPE)
     else:
         model = Tagger(cell, dropout=0.0).to(DTYPE)
         inputs = torch.randint(7, (3, T), generator=torch.Generator().manual_seed(2))
@@ -417,14 +417,6 @@ def test_recurrent_models_get_blocks_and_train(optimizer, cell):
 
 
 # --- cells: one step per call, the user's loop over time ----------------------------------------
-CELL_MODULES = {
-    "rnn-cell": lambda **kw: nn.RNNCell(D, H, **kw),
-    "rnn-relu-cell": lambda **kw: nn.RNNCell(D, H, nonlinearity="relu", **kw),
-    "gru-cell": lambda **kw: nn.GRUCell(D, H, **kw),
-    "lstm-cell": lambda **kw: nn.LSTMCell(D, H, **kw),
-}
-
-
 class CellLoop(nn.Module):
     """A cell applied step by step by a loop in forward (a decoder's pattern), from zeros; a
     linear head on the last state: logits ``[B, C]``."""
@@ -470,7 +462,7 @@ def test_natgrads_cell_forward_equals_pytorchs(cell, monkeypatch):
 
 
 @pytest.mark.parametrize("cell,bias", [("gru-cell", True), ("lstm-cell", True),
-                                       ("rnn-cell", True)])
+                                       ("rnn-tanh-cell", True)])
 def test_kfac_factors_of_a_cell_loop_equal_the_definition(cell, bias):
     """Each call is a step of both blocks: A over the calls' inputs, G over their δ's, per
     sample recovered from the per-class gradients of PyTorch's own cell (X = Σₜ δₜāₜᵀ)."""
@@ -479,7 +471,7 @@ def test_kfac_factors_of_a_cell_loop_equal_the_definition(cell, bias):
     x = torch.randn(2, T, D, dtype=DTYPE)
     factors = natgrad.kfac_factors(model, x, likelihood="categorical")
     assert set(factors) == {"cell.ih", "cell.hh", "head"}
-    sums = {"cell.ih": [0, 0], "cell.hh": [0, 0]}
+    sums: dict[str, list] = {}
     ones = torch.ones(T, 1, dtype=DTYPE)
     for sample in range(x.shape[0]):
         xs = x[sample:sample + 1]
@@ -487,19 +479,8 @@ def test_kfac_factors_of_a_cell_loop_equal_the_definition(cell, bias):
         rows = {"cell.ih": torch.cat([xs[0], ones], 1),
                 "cell.hh": torch.cat([torch.cat([torch.zeros(1, H, dtype=DTYPE),
                                                  states[:-1]]), ones], 1)}
-        logp = model(xs)[0].log_softmax(-1)
-        probs = logp.exp().detach()
-        for name, rows_in in rows.items():
-            kind = name.split(".")[1]
-            params = [getattr(model.cell, f"weight_{kind}"), getattr(model.cell, f"bias_{kind}")]
-            solve = rows_in.T @ torch.linalg.inv(rows_in @ rows_in.T)
-            sums[name][0] = sums[name][0] + rows_in.T @ rows_in
-            for y in range(C):
-                grads = torch.autograd.grad(logp[y], params, retain_graph=True)
-                X = torch.cat([grads[0], grads[1].unsqueeze(1)], 1)
-                deltas = X @ solve
-                assert rel_err(deltas @ rows_in, X) <= RTOL_EXACT, name
-                sums[name][1] = sums[name][1] + probs[y] * deltas @ deltas.T
+        _add_definition(sums, model.cell, rows, model(xs)[0].log_softmax(-1))
+    assert set(sums) == {"cell.ih", "cell.hh"}
     for name, (sum_a, sum_g) in sums.items():
         A, G = factors[name]
         assert rel_err(A, sum_a / (x.shape[0] * T)) <= RTOL_EXACT, name
