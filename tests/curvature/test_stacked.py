@@ -240,7 +240,14 @@ CONVNET_OPS = {  # functions of a [2, 4, 6, 6] x through a nonlinearity (so ẋ 
         x, 2).sum((1, 2, 3)),
     "activations-with-options": lambda x: F.leaky_relu(x, 0.2) + F.leaky_relu(x) + F.elu(
         x, 0.7) + F.selu(x) + F.softplus(x, beta=2.0, threshold=1.0) + F.hardtanh(
-        x, -0.5, 0.8) + F.relu6(3 * x) + F.hardswish(2 * x) + F.mish(x),
+        x, -0.5, 0.8) + F.relu6(3 * x) + F.hardswish(2 * x) + F.mish(x) + F.celu(x, 0.5)
+    + F.logsigmoid(x) + F.softsign(x) + F.tanhshrink(x),
+    "glu": lambda x: F.glu(x, 1).sum((1, 2, 3)) + F.glu(x).sum((1, 2, 3)),
+    "dropout-off": lambda x: F.dropout2d(x, 0.5, training=False) + F.dropout1d(x[0], 0.0)
+    + F.dropout3d(x, training=False) + F.alpha_dropout(x, 0.5) + F.feature_alpha_dropout(x),
+    "unfold-fold-shuffle": lambda x: F.fold(F.unfold(x, 2, stride=2), (6, 6), 2, stride=2)
+    + F.channel_shuffle(x, 2) + F.unfold(x, 3, padding=1).sum(-1).view(2, 4, 9).sum(-1)[
+        ..., None, None],
 }
 
 
@@ -270,6 +277,26 @@ def test_batch_norm(training):
     _check(fn, X4, _rand(4, seed=9), _rand(4, seed=10))
     _check(lambda x: F.batch_norm(x.sin(), None, None, training=True), X4)
     _check(lambda x: F.batch_norm(x[:, :, 0].sin(), mean, var, training=training), X4)
+
+
+def test_instance_norm():
+    _check(lambda x, w, b: F.instance_norm(x.tanh(), weight=w, bias=b, eps=1e-3), X4,
+           _rand(4, seed=9), _rand(4, seed=10))
+    _check(lambda x: F.instance_norm(x.sin()[:, :, 0]), X4)
+
+
+def test_prelu():
+    """A weight per channel, and one for all."""
+    _check(lambda x, w: F.prelu(x.sin(), w), X4, _rand(4, seed=11))
+    _check(lambda x, w: F.prelu(x.sin(), w), X4, _rand(1, seed=12))
+
+
+def test_random_channel_dropout_is_refused():
+    mode = StackedTangents(K)
+    x = X4.clone()
+    mode.seed(x, _rand(K, *x.shape, seed=2))
+    with torch.no_grad(), mode, pytest.raises(Unsupported, match="random dropout2d"):
+        F.dropout2d(x, 0.5)
 
 
 def test_group_norm():

@@ -475,6 +475,77 @@ _MAX_POOLS = ((F.max_pool1d, F.adaptive_max_pool1d), (F.max_pool2d, F.adaptive_m
               (F.max_pool3d, F.adaptive_max_pool3d))
 
 
+def _instance_norm(mode, func, args, kwargs):
+    """Per sample and channel over the spatial dimensions (input statistics, the module's
+    default), the layer norm's tangent; then ⊙ w + x̂ ⊙ ẇ + ḃ per channel."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+             "momentum", "eps")
+    check_keywords(kwargs, names[1:], "instance_norm")
+    x, weight, bias = args[0], arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+    if not arg(args, kwargs, 5, "use_input_stats", True):
+        raise Unsupported("instance_norm with running statistics")
+    eps = arg(args, kwargs, 7, "eps", 1e-5)
+    out = func(*args, **kwargs)
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    rstd = (x.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+    normalized = (x - mean) * rstd
+    dx = mode.tangent(x)
+    tangent = None if dx is None else _normalized_tangent(dx, normalized, rstd,
+                                                          tuple(d + 1 for d in dims))
+    shape = (1, -1, *(1,) * (x.dim() - 2))
+    return tag(mode, out, _affine_tangent(mode, tangent, normalized, weight, bias, shape))
+
+
+def _prelu(mode, func, args, kwargs):
+    """y = max(0, x) + w·min(0, x), w per channel (dimension 1) or one: ẏ = ẋ·(1 or w) +
+    ẇ·min(0, x)."""
+    check_keywords(kwargs, ("weight",), "prelu")
+    x, weight = args[0], arg(args, kwargs, 1, "weight")
+    out = func(*args, **kwargs)
+    shape = (-1,) if x.dim() < 2 else (1, -1, *(1,) * (x.dim() - 2))
+    w = weight.view(shape) if weight.numel() > 1 else weight.reshape(())
+    dx, dw = mode.tangent(x), mode.tangent(weight)
+    tangent = None
+    if dx is not None:
+        tangent = dx * torch.where(x > 0, torch.ones_like(w), w)
+    if dw is not None:
+        part = x.clamp_max(0) * (dw.view(mode.k, *shape) if weight.numel() > 1
+                                 else dw.view(mode.k, *(1,) * x.dim()))
+        tangent = part if tangent is None else tangent.add_(part)
+    return tag(mode, out, tangent)
+
+
+def _glu(mode, func, args, kwargs):
+    """y = a ⊙ σ(b), (a, b) the halves along ``dim``: ẏ = ȧ ⊙ σ(b) + a ⊙ σ'(b) ⊙ ḃ."""
+    check_keywords(kwargs, ("dim",), "glu")
+    x, dim = args[0], arg(args, kwargs, 1, "dim", -1)
+    out = func(*args, **kwargs)
+    dx = mode.tangent(x)
+    if dx is None:
+        return out
+    a, b = x.chunk(2, dim)
+    da, db = dx.chunk(2, shift(dim))
+    gate = torch.sigmoid(b)
+    return tag(mode, out, da * gate + a * gate * (1 - gate) * db)
+
+
+def _other_dropout(training_default: bool) -> Rule:
+    """dropout1d/2d/3d and alpha dropout that drop nothing (p = 0 or evaluation; their
+    ``training`` defaults to ``training_default``): the identity."""
+
+    def rule(mode, func, args, kwargs):
+        check_keywords(kwargs, ("p", "training", "inplace"), call_name(func))
+        p = arg(args, kwargs, 1, "p", 0.5)
+        if arg(args, kwargs, 2, "training", training_default) and p > 0:
+            raise Unsupported(f"random {call_name(func)}")
+        if arg(args, kwargs, 3, "inplace", False):
+            raise Unsupported(f"{call_name(func)} in place")
+        return tag(mode, func(*args, **kwargs), mode.tangent(args[0]))
+
+    return rule
+
+
 def _recurrence(mode, func, args, kwargs):
     """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
     ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
@@ -552,6 +623,18 @@ RULES: dict[Callable, Rule] = {
     F.hardswish: _activation(_aten.hardswish_backward),
     F.hardsigmoid: _activation(_aten.hardsigmoid_backward),
     F.mish: _activation(_aten.mish_backward),
+    F.celu: _activation_with((("alpha", 1.0),), lambda x, a: slope(
+        lambda g, v: _aten.elu_backward(g, a, 1, 1 / a, False, v), x)),
+    F.logsigmoid: _activation_with((), lambda x: torch.sigmoid(-x)),
+    F.softsign: _activation_with((), lambda x: (1 + x.abs()).square().reciprocal()),
+    F.tanhshrink: _activation_with((), lambda x: x.tanh().square()),
+    F.instance_norm: _instance_norm,
+    F.prelu: _prelu,
+    F.glu: _glu,
+    **dict.fromkeys([F.dropout1d, F.dropout2d, F.dropout3d], _other_dropout(True)),
+    **dict.fromkeys([F.alpha_dropout, F.feature_alpha_dropout], _other_dropout(False)),
+    **dict.fromkeys([F.unfold, F.fold, F.channel_shuffle, torch.channel_shuffle,
+                     F.native_channel_shuffle], _batched_linear),
     **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _convolution(_CONV_ARGUMENTS)),
     **dict.fromkeys([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
                     _convolution(_CONV_TRANSPOSE_ARGUMENTS)),
