@@ -117,6 +117,13 @@ def _embedding(mode, func, args, kwargs):
     return tag(mode, out, rows.view(mode.k, *out.shape))
 
 
+def _normalized_tangent(dx: Tensor, normalized: Tensor, rstd: Tensor,
+                        dims: tuple[int, ...]) -> Tensor:
+    """r·(ẋ − mean(ẋ) − x̂·mean(x̂ ⊙ ẋ)), the means over ``dims`` of ẋ (k first)."""
+    centred = dx - dx.mean(dims, keepdim=True)
+    return centred.sub_(normalized * (normalized * dx).mean(dims, keepdim=True)).mul_(rstd)
+
+
 def _layer_norm(mode, func, args, kwargs):
     """y = x̂ ⊙ w + b, x̂ = (x − μ)·r: ẏ = r·(ẋ − mean(ẋ) − x̂·mean(x̂ ⊙ ẋ)) ⊙ w + x̂ ⊙ ẇ + ḃ."""
     check_keywords(kwargs, ("normalized_shape", "weight", "bias", "eps"), "layer_norm")
@@ -130,9 +137,7 @@ def _layer_norm(mode, func, args, kwargs):
     dx = mode.tangent(x)
     tangent = None
     if dx is not None:
-        centred = dx - dx.mean(dims, keepdim=True)
-        tangent = centred.sub_(normalized * (normalized * dx).mean(dims, keepdim=True))
-        tangent = tangent.mul_(rstd)
+        tangent = _normalized_tangent(dx, normalized, rstd, dims)
         if weight is not None:
             tangent = tangent.mul_(weight)
     tangent = _weight_tangent(mode, tangent, normalized, weight)
@@ -233,15 +238,21 @@ def _gelu(mode, func, args, kwargs):
 
 
 
-def _dropout(mode, func, args, kwargs):
-    """Dropout that drops nothing (p = 0 or evaluation): the identity."""
-    check_keywords(kwargs, ("p", "training", "inplace"), "dropout")
-    p, training = arg(args, kwargs, 1, "p", 0.5), arg(args, kwargs, 2, "training", True)
-    if training and p > 0:
-        raise Unsupported("random dropout")
-    if arg(args, kwargs, 3, "inplace", False):
-        raise Unsupported("dropout in place")
-    return tag(mode, func(*args, **kwargs), mode.tangent(args[0]))
+def _dropout(training_default: bool) -> Rule:
+    """Dropout of any kind (``F.dropout``, ``dropout1d/2d/3d``, alpha dropout) that drops
+    nothing (p = 0 or evaluation; ``training`` defaults to ``training_default``, as in the
+    function): the identity."""
+
+    def rule(mode, func, args, kwargs):
+        check_keywords(kwargs, ("p", "training", "inplace"), call_name(func))
+        p = arg(args, kwargs, 1, "p", 0.5)
+        if arg(args, kwargs, 2, "training", training_default) and p > 0:
+            raise Unsupported(f"random {call_name(func)}")
+        if arg(args, kwargs, 3, "inplace", False):
+            raise Unsupported(f"{call_name(func)} in place")
+        return tag(mode, func(*args, **kwargs), mode.tangent(args[0]))
+
+    return rule
 
 
 
@@ -380,13 +391,6 @@ def _max_pool(with_indices: Callable, options: int, dims: int) -> Rule:
     return rule
 
 
-def _normalized_tangent(dx: Tensor, normalized: Tensor, rstd: Tensor,
-                        dims: tuple[int, ...]) -> Tensor:
-    """r·(ẋ − mean(ẋ) − x̂·mean(x̂ ⊙ ẋ)), the means over ``dims`` of ẋ (k first)."""
-    centred = dx - dx.mean(dims, keepdim=True)
-    return centred.sub_(normalized * (normalized * dx).mean(dims, keepdim=True)).mul_(rstd)
-
-
 def _affine_tangent(mode, tangent, normalized, weight, bias, shape):
     """``tangent`` ⊙ w + x̂ ⊙ ẇ + ḃ for per-channel w, b viewed as ``shape``."""
     if tangent is not None and weight is not None:
@@ -471,8 +475,18 @@ def _activation_with(options: tuple[tuple[str, object], ...],
 
 
 _SELU = (1.6732632423543772, 1.0507009873554805)  # α, scale
-_MAX_POOLS = ((F.max_pool1d, F.adaptive_max_pool1d), (F.max_pool2d, F.adaptive_max_pool2d),
-              (F.max_pool3d, F.adaptive_max_pool3d))
+
+
+def _max_pools() -> dict[Callable, Rule]:
+    """The rules of F.max_pool1d/2d/3d (5 options), F.adaptive_max_pool1d/2d/3d (1 option)
+    and of their ``*_with_indices`` functions, which ``return_indices=True`` calls."""
+    rules: dict[Callable, Rule] = {}
+    for dims in (1, 2, 3):
+        for name, options in ((f"max_pool{dims}d", 5), (f"adaptive_max_pool{dims}d", 1)):
+            with_indices = getattr(F, f"{name}_with_indices")
+            rule = _max_pool(with_indices, options, dims)
+            rules[getattr(F, name)] = rules[with_indices] = rule
+    return rules
 
 
 def _instance_norm(mode, func, args, kwargs):
@@ -530,22 +544,6 @@ def _glu(mode, func, args, kwargs):
     return tag(mode, out, da * gate + a * gate * (1 - gate) * db)
 
 
-def _other_dropout(training_default: bool) -> Rule:
-    """dropout1d/2d/3d and alpha dropout that drop nothing (p = 0 or evaluation; their
-    ``training`` defaults to ``training_default``): the identity."""
-
-    def rule(mode, func, args, kwargs):
-        check_keywords(kwargs, ("p", "training", "inplace"), call_name(func))
-        p = arg(args, kwargs, 1, "p", 0.5)
-        if arg(args, kwargs, 2, "training", training_default) and p > 0:
-            raise Unsupported(f"random {call_name(func)}")
-        if arg(args, kwargs, 3, "inplace", False):
-            raise Unsupported(f"{call_name(func)} in place")
-        return tag(mode, func(*args, **kwargs), mode.tangent(args[0]))
-
-    return rule
-
-
 def _recurrence(mode, func, args, kwargs):
     """A recurrent layer's loop (:func:`natgrad.layers.recurrent.recurrence`), step by step:
     ġₕ = ḣ Wᵀ + h Ẇᵀ + ḃ, then the cell's tangents (:func:`cell_step`), all k at once. One
@@ -594,18 +592,15 @@ RULES: dict[Callable, Rule] = {
     F.silu: _activation(_aten.silu_backward),
     **dict.fromkeys([F.relu, *methods("relu")], _activation(
         lambda ones, y: _aten.threshold_backward(ones, y, 0), from_output=True)),
-    F.dropout: _dropout,
+    **dict.fromkeys([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d], _dropout(True)),
+    **dict.fromkeys([F.alpha_dropout, F.feature_alpha_dropout], _dropout(False)),
     F.scaled_dot_product_attention: _attention,
     recurrence: _recurrence,
     **dict.fromkeys([F.pad, torch._C._nn.pad], _pad),
     **dict.fromkeys([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                      F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate,
                      F.pixel_shuffle, F.pixel_unshuffle], _batched_linear),
-    **{pool: _max_pool(with_indices, options, dims)
-       for dims, (plain, adaptive) in enumerate(_MAX_POOLS, start=1)
-       for function, options in ((plain, 5), (adaptive, 1))
-       for pool, with_indices in ((function, getattr(F, f"{function.__name__}_with_indices")),
-                                  (getattr(F, f"{function.__name__}_with_indices"),) * 2)},
+    **_max_pools(),
     F.batch_norm: _batch_norm,
     F.group_norm: _group_norm,
     F.leaky_relu: _activation_with((("negative_slope", 0.01),), lambda x, s: slope(
@@ -631,8 +626,6 @@ RULES: dict[Callable, Rule] = {
     F.instance_norm: _instance_norm,
     F.prelu: _prelu,
     F.glu: _glu,
-    **dict.fromkeys([F.dropout1d, F.dropout2d, F.dropout3d], _other_dropout(True)),
-    **dict.fromkeys([F.alpha_dropout, F.feature_alpha_dropout], _other_dropout(False)),
     **dict.fromkeys([F.unfold, F.fold, F.channel_shuffle, torch.channel_shuffle,
                      F.native_channel_shuffle], _batched_linear),
     **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _convolution(_CONV_ARGUMENTS)),
