@@ -205,8 +205,16 @@ class ConvHandler(KroneckerHandler):
         rows = grad_outputs.transpose(0, 1).reshape(channels, -1).T
         return rows if self.groups == 1 else rows.reshape(rows.shape[0], self.groups, -1)
 
+    def _as_matrix(self, weight: Tensor) -> Tensor:
+        """A weight-shaped tensor as the gradient matrix's weight part, ``[C_out, C_in/g·k…]``."""
+        return weight.reshape(self.module.out_channels, -1)
+
+    def _as_weight(self, part: Tensor) -> Tensor:
+        """Inverse of :meth:`_as_matrix`."""
+        return part.reshape(self.module.weight.shape)
+
     def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
-        weight = grads[self.module.weight].reshape(self.module.out_channels, -1)
+        weight = self._as_matrix(grads[self.module.weight])
         if self.has_bias:
             weight = torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
         return weight if self.groups == 1 else weight.reshape(self.groups, -1, weight.shape[1])
@@ -215,8 +223,8 @@ class ConvHandler(KroneckerHandler):
         weight = self.module.weight
         matrix = matrix.reshape(self.module.out_channels, -1)
         if not self.has_bias:
-            return {weight: matrix.reshape(weight.shape)}
-        return {weight: matrix[:, :-1].reshape(weight.shape), self.module.bias: matrix[:, -1]}
+            return {weight: self._as_weight(matrix)}
+        return {weight: self._as_weight(matrix[:, :-1]), self.module.bias: matrix[:, -1]}
 
     def per_sample_grads(self, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
         if self.groups == 1:
@@ -265,10 +273,17 @@ class ConvTransposeHandler(ConvHandler):
             spread[(slice(None), slice(None), *(slice(None, None, t) for t in m.stride))] = inputs
         pads: list[int] = []
         for axis in reversed(range(dims)):  # F.pad: the last dimension first
-            reach = m.dilation[axis] * (m.kernel_size[axis] - 1)
-            left = reach - m.padding[axis]
+            reach, left = self._reach(axis), self._left(axis)
             pads += [left, output.shape[2 + axis] + reach - left - spread.shape[2 + axis]]
         return F.pad(spread, pads)
+
+    def _reach(self, axis: int) -> int:
+        """dilation·(k − 1) along spatial ``axis``: the kernel's span less one."""
+        return self.module.dilation[axis] * (self.module.kernel_size[axis] - 1)
+
+    def _left(self, axis: int) -> int:
+        """The spread input's padding on the left of ``axis`` (negative: cropped)."""
+        return self._reach(axis) - self.module.padding[axis]
 
     def input_sum(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int] | None:
         if self.groups > 1:
@@ -293,10 +308,10 @@ class ConvTransposeHandler(ConvHandler):
         order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
         for phase in itertools.product(*(range(step) for step in m.stride)):
             taps = [
-                torch.tensor([j for j in range(k) if (f + j * d - (d * (k - 1) - p)) % s == 0],
+                torch.tensor([j for j in range(k) if (f + j * d - self._left(axis)) % s == 0],
                              dtype=torch.long, device=spread.device)
-                for f, k, d, p, s in zip(phase, m.kernel_size, m.dilation, m.padding,
-                                         m.stride, strict=True)
+                for axis, (f, k, d, s) in enumerate(zip(phase, m.kernel_size, m.dilation,
+                                                        m.stride, strict=True))
             ]
             if any(t.numel() == 0 for t in taps):  # its positions read only zeros
                 continue
@@ -314,26 +329,15 @@ class ConvTransposeHandler(ConvHandler):
         return (_with_bias(weight_part, patch_sum, count) if self.has_bias else weight_part,
                 count)
 
-    def _as_conv(self, weight: Tensor) -> Tensor:
+    def _as_matrix(self, weight: Tensor) -> Tensor:
         """∇W ``[C_in, C_out/g, k…]`` → ∇W' ``[C_out, C_in/g·k…]`` (flipped, axes swapped)."""
         g, k = self.groups, self.module.kernel_size
         spatial = tuple(range(3, 3 + len(k)))
         view = weight.reshape(g, weight.shape[0] // g, weight.shape[1], *k).transpose(1, 2)
         return view.flip(spatial).reshape(self.module.out_channels, -1)
 
-    def gather(self, grads: dict[Tensor, Tensor]) -> Tensor:
-        weight = self._as_conv(grads[self.module.weight])
-        if self.has_bias:
-            weight = torch.cat([weight, grads[self.module.bias].unsqueeze(1)], dim=1)
-        return weight if self.groups == 1 else weight.reshape(self.groups, -1, weight.shape[1])
-
-    def scatter(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+    def _as_weight(self, part: Tensor) -> Tensor:
         m, g = self.module, self.groups
-        matrix = matrix.reshape(m.out_channels, -1)
-        part = matrix[:, :-1] if self.has_bias else matrix
         spatial = tuple(range(3, 3 + len(m.kernel_size)))
         view = part.reshape(g, m.out_channels // g, m.in_channels // g, *m.kernel_size)
-        weight = view.flip(spatial).transpose(1, 2).reshape(m.weight.shape)
-        if not self.has_bias:
-            return {m.weight: weight}
-        return {m.weight: weight, m.bias: matrix[:, -1]}
+        return view.flip(spatial).transpose(1, 2).reshape(m.weight.shape)
