@@ -127,13 +127,29 @@ def _supported(rnn: nn.RNNBase, x: Any, hx: Any) -> bool:
         return False
     else:
         batch = x.shape[0 if rnn.batch_first else 1]
+    shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
+    return _states_fit(hx, rnn.mode == "LSTM", shape)
+
+
+def _states_fit(hx: Any, lstm: bool, shape: tuple[int, ...]) -> bool:
+    """Whether an initial state (None, h, or (h, c) for an LSTM) has ``shape``."""
     if hx is None:
         return True
     states = hx if isinstance(hx, tuple) else (hx,)
-    if len(states) != (2 if rnn.mode == "LSTM" else 1):
+    if len(states) != (2 if lstm else 1):
         return False
-    shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
     return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
+
+
+def _reporter(record: Record, names: dict[str, str]) -> Callable[..., None]:
+    """``report(key, inputs, output, valid)``: one call of the block ``names[key]``, for the
+    blocks the optimizer holds."""
+
+    def report(key: str, inputs: Tensor, output: Tensor, valid: Tensor | None) -> None:
+        if key in names:
+            record(names[key], inputs, output, valid)
+
+    return report
 
 
 Tangents = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
@@ -249,10 +265,7 @@ def recurrent_forward(
     every call of a copy of ``rnn`` — runs PyTorch's (fused) forward: the same outputs to
     rounding, 1.5-2× faster."""
     target = weakref.ref(rnn)
-
-    def report(key: str, inputs: Tensor, output: Tensor, valid: Tensor | None) -> None:
-        if key in names:  # (a block the optimizer holds)
-            record(names[key], inputs, output, valid)
+    report = _reporter(record, names)
 
     def forward(self: nn.RNNBase, input: Any, hx: Any = None) -> tuple[Tensor, Any]:  # noqa: A002
         if (self is not target() or not _supported(self, input, hx)
@@ -325,13 +338,7 @@ def _cell_supported(cell: nn.RNNCellBase, x: Any, hx: Any) -> bool:
     given, states ``[B, H]`` (PyTorch's forward raises its own errors)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != cell.input_size:
         return False
-    if hx is None:
-        return True
-    states = hx if isinstance(hx, tuple) else (hx,)
-    if len(states) != (2 if isinstance(cell, nn.LSTMCell) else 1):
-        return False
-    shape = (x.shape[0], cell.hidden_size)
-    return all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in states)
+    return _states_fit(hx, isinstance(cell, nn.LSTMCell), (x.shape[0], cell.hidden_size))
 
 
 def cell_forward(
@@ -345,6 +352,7 @@ def cell_forward(
     unbatched calls and for a copy's calls."""
     target = weakref.ref(cell)
     mode = _cell_mode(cell)
+    report = _reporter(record, names)
 
     def forward(self: nn.RNNCellBase, input: Any, hx: Any = None) -> Any:  # noqa: A002
         if (self is not target() or not _cell_supported(self, input, hx)
@@ -357,9 +365,8 @@ def cell_forward(
             h, c = hx if mode == "LSTM" else (hx, None)
         gates_in = F.linear(input, self.weight_ih, self.bias_ih)
         gates_h = F.linear(h, self.weight_hh, self.bias_hh)
-        for key, inputs, output in (("ih", input, gates_in), ("hh", h, gates_h)):
-            if key in names:  # (a block the optimizer holds)
-                record(names[key], inputs, output, None)
+        report("ih", input, gates_in, None)
+        report("hh", h, gates_h, None)
         new_h, new_c, _, _ = cell_step(mode, gates_in, gates_h, h, c)
         return (new_h, new_c) if mode == "LSTM" else new_h
 
